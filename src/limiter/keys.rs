@@ -1,0 +1,112 @@
+//! Store key names.
+//!
+//! A key never contains an API key or any other entry value in clear text:
+//! entries are hashed with SHA-256, so every key has a fixed length (66
+//! bytes) whatever the values. The layout is versioned (`frl1`), so a
+//! service that reads another layout never misreads it. All keys of one
+//! descriptor's first entry (in the Fikra configuration, the API key) share
+//! one Redis Cluster hash tag, so one script judges a key's requests and
+//! tokens buckets and its estimates together, while different API keys
+//! spread over the cluster.
+
+use sha2::{Digest, Sha256};
+
+/// Prefix and layout version of every key.
+pub const PREFIX: &str = "frl1";
+
+/// Hex digits of the hash tag (96 bits).
+const TAG_HEX: usize = 24;
+/// Hex digits of a bucket or estimate id (128 bits).
+const ID_HEX: usize = 32;
+
+/// Builds the key of the bucket named by `domain` and `entries` (the
+/// identity entries, in order). Returns the key and its hash tag.
+pub fn bucket_key<'a>(domain: &str, entries: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> String {
+    let mut tag = Sha256::new();
+    field(&mut tag, domain);
+    if let Some((key, value)) = entries.clone().next() {
+        field(&mut tag, key);
+        field(&mut tag, value);
+    }
+
+    let mut id = Sha256::new();
+    field(&mut id, domain);
+    for (key, value) in entries {
+        field(&mut id, key);
+        field(&mut id, value);
+    }
+
+    let mut out = String::with_capacity(PREFIX.len() + TAG_HEX + ID_HEX + 6);
+    out.push_str(PREFIX);
+    out.push_str(":{");
+    push_hex(&mut out, &tag.finalize(), TAG_HEX);
+    out.push_str("}:b:");
+    push_hex(&mut out, &id.finalize(), ID_HEX);
+    out
+}
+
+/// Builds the key under which an estimate charged to `bucket_key` for
+/// `request_id` is remembered, in the bucket's hash slot.
+pub fn estimate_key(bucket_key: &str, request_id: &str) -> String {
+    let tag_end = bucket_key.find("}:").map_or(bucket_key.len(), |i| i + 1);
+    let mut id = Sha256::new();
+    field(&mut id, bucket_key);
+    field(&mut id, request_id);
+
+    let mut out = String::with_capacity(tag_end + ID_HEX + 3);
+    out.push_str(&bucket_key[..tag_end]);
+    out.push_str(":e:");
+    push_hex(&mut out, &id.finalize(), ID_HEX);
+    out
+}
+
+/// Feeds a length-prefixed field, so ("ab", "c") and ("a", "bc") differ.
+fn field(hasher: &mut Sha256, value: &str) {
+    hasher.update((value.len() as u64).to_le_bytes());
+    hasher.update(value.as_bytes());
+}
+
+fn push_hex(out: &mut String, bytes: &[u8], digits: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes.iter().take(digits / 2) {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_keys_share_tag_per_first_entry() {
+        let requests = bucket_key("fikra", [("api_key", "k1"), ("meter", "requests")].into_iter());
+        let tokens = bucket_key("fikra", [("api_key", "k1"), ("meter", "tokens")].into_iter());
+        let other = bucket_key("fikra", [("api_key", "k2"), ("meter", "tokens")].into_iter());
+
+        assert_ne!(requests, tokens);
+        assert_eq!(requests[..31], tokens[..31]);
+        assert_ne!(requests[..31], other[..31]);
+        assert_eq!(requests.len(), 66);
+    }
+
+    #[test]
+    fn keys_hide_values_and_stay_bounded() {
+        let secret = "sk-live-0123456789{abc}";
+        let long = "x".repeat(8192);
+        let key = bucket_key("fikra", [("api_key", secret), ("note", long.as_str())].into_iter());
+        let estimate = estimate_key(&key, "req-1");
+
+        assert!(!key.contains("sk-live"));
+        assert_eq!(key.len(), 66);
+        assert_eq!(estimate.len(), 66);
+        assert_eq!(key[..31], estimate[..31]);
+    }
+
+    #[test]
+    fn field_boundaries_change_the_key() {
+        let a = bucket_key("d", [("ab", "c")].into_iter());
+        let b = bucket_key("d", [("a", "bc")].into_iter());
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,102 @@
+//! Decision logic: descriptors to buckets to one all-or-nothing decision.
+//!
+//! The limiter holds no tonic or Redis types. It resolves each descriptor
+//! to a rule and a bucket, groups the descriptors that name the same
+//! bucket (summing their costs), hands the batch to the store in one call,
+//! and reads the outcome back into a [`Decision`].
+
+pub mod bucket;
+pub mod decision;
+pub mod judge;
+pub mod keys;
+pub mod request;
+mod resolve;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::config::Limits;
+use crate::store::{Batch, Store, StoreError};
+
+pub use decision::{Decision, Denial, DescriptorStatus, Outcome};
+pub use request::{CheckRequest, Descriptor, Entry, InvalidRequest, LimitOverride, RequestBounds};
+
+/// Settings of the limiter that are not limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterSettings {
+    pub bounds: RequestBounds,
+    /// Added to a bucket's refill time to give its store TTL.
+    pub ttl_slack: Duration,
+    /// How long an estimate waits for its report.
+    pub estimate_ttl: Duration,
+}
+
+impl Default for LimiterSettings {
+    fn default() -> Self {
+        Self {
+            bounds: RequestBounds::default(),
+            ttl_slack: Duration::from_secs(2),
+            estimate_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Why no decision could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LimiterError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidRequest),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The limiter: the current limits and the store. Clones share both.
+#[derive(Clone)]
+pub struct Limiter {
+    limits: Arc<RwLock<Arc<Limits>>>,
+    store: Store,
+    settings: LimiterSettings,
+}
+
+impl Limiter {
+    pub fn new(limits: Limits, store: Store, settings: LimiterSettings) -> Self {
+        Self { limits: Arc::new(RwLock::new(Arc::new(limits))), store, settings }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Replaces the limits; calls in flight finish on the old ones.
+    pub fn replace_limits(&self, limits: Limits) {
+        *self.limits.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(limits);
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Decides one call.
+    pub async fn decide(&self, request: &CheckRequest) -> Result<Decision, LimiterError> {
+        request.validate(&self.settings.bounds)?;
+
+        let limits = self.limits();
+        let Some(domain) = limits.domain(&request.domain) else {
+            return Ok(Decision::unknown_domain(request.descriptors.len()));
+        };
+
+        let plan = resolve::plan(domain, request, &self.settings.bounds);
+        if let Some(decision) = plan.early_decision() {
+            return Ok(decision);
+        }
+
+        let batch = Batch {
+            ops: plan.ops,
+            ttl_slack: self.settings.ttl_slack,
+            estimate_ttl: self.settings.estimate_ttl,
+        };
+        let outcome = if batch.ops.is_empty() { None } else { Some(self.store.apply(&batch).await?) };
+        Ok(decision::read(&plan.descriptors, &batch.ops, outcome.as_ref(), plan.too_large))
+    }
+}

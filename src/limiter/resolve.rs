@@ -1,0 +1,216 @@
+//! Descriptors to rules, limits and bucket operations.
+
+use std::sync::Arc;
+
+use super::decision::{Decision, Denial};
+use super::judge::{BucketOp, Estimate, Report};
+use super::keys;
+use super::request::{CheckRequest, Descriptor, LimitOverride, RequestBounds};
+use crate::config::model::{DomainLimits, Node, REPORT_PHASE, Rule};
+use crate::config::{Limit, Meter, Unit};
+use crate::limiter::bucket::BucketParams;
+
+/// What one descriptor asks of its bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// No rule with a limit matched: allowed, no state touched.
+    NoLimit,
+    Check { cost: u64 },
+    Report { amount: u64 },
+    /// A report without a cost of its own, or on a rule that takes no
+    /// reports: nothing is charged.
+    IgnoredReport,
+    Credit { amount: u64 },
+}
+
+/// One descriptor after resolution.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub kind: Kind,
+    pub limit: Option<Arc<Limit>>,
+    pub meter: Meter,
+    pub shadow: bool,
+    /// Index of the bucket operation in the batch.
+    pub op: Option<usize>,
+}
+
+/// A check whose summed cost exceeds its bucket's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge {
+    pub op: usize,
+    pub cost: u64,
+}
+
+/// A resolved call.
+#[derive(Debug)]
+pub struct Plan {
+    pub descriptors: Vec<Planned>,
+    pub ops: Vec<BucketOp>,
+    pub too_large: Option<TooLarge>,
+    denial: Option<Denial>,
+}
+
+impl Plan {
+    /// A decision that needs no store: a value over its bound.
+    pub fn early_decision(&self) -> Option<Decision> {
+        let denial = self.denial.clone()?;
+        Some(Decision::denied_early(self.descriptors.len(), denial))
+    }
+}
+
+/// Resolves every descriptor of `request` in `domain`.
+pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBounds) -> Plan {
+    let mut plan = Plan { descriptors: Vec::with_capacity(request.descriptors.len()), ops: Vec::new(), too_large: None, denial: None };
+
+    for (index, descriptor) in request.descriptors.iter().enumerate() {
+        if let Some((entry, value)) = descriptor.entries.iter().enumerate().find(|(_, e)| e.value.len() > bounds.max_value_len) {
+            plan.denial = Some(Denial::ValueTooLong { index, entry, len: value.value.len(), max: bounds.max_value_len });
+        }
+        let planned = resolve(domain, request, descriptor, &mut plan.ops);
+        plan.descriptors.push(planned);
+    }
+
+    // Too large is judged on the summed cost of each bucket; a request with
+    // one such check charges nothing, so its checks turn into reads.
+    for (index, op) in plan.ops.iter().enumerate() {
+        if let Some(cost) = op.check.filter(|cost| *cost > op.params.capacity) {
+            if !op.shadow {
+                plan.too_large.get_or_insert(TooLarge { op: index, cost });
+            }
+        }
+    }
+    if plan.too_large.is_some() {
+        for op in &mut plan.ops {
+            op.check = None;
+            op.estimates.clear();
+        }
+    }
+    plan
+}
+
+fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descriptor, ops: &mut Vec<BucketOp>) -> Planned {
+    let roles = &domain.roles;
+    let mut tier = None;
+    let mut phase = None;
+    let mut request_id = None;
+    let mut identity = Vec::with_capacity(descriptor.entries.len());
+    for entry in &descriptor.entries {
+        let key = Some(entry.key.as_str());
+        if key == roles.tier.as_deref() {
+            tier = Some(entry.value.as_str());
+        } else if key == roles.phase.as_deref() {
+            phase = Some(entry.value.as_str());
+        } else if key == roles.request_id.as_deref() {
+            request_id = Some(entry.value.as_str());
+        } else {
+            identity.push((entry.key.as_str(), entry.value.as_str()));
+        }
+    }
+
+    let no_limit = Planned { kind: Kind::NoLimit, limit: None, meter: Meter::Requests, shadow: false, op: None };
+    if identity.is_empty() {
+        return no_limit;
+    }
+    let rule = find_rule(&domain.root, &identity);
+    let tier_index = domain.tier_index(tier);
+    let limit = match descriptor.limit.and_then(|o| override_limit(o, rule.map(Arc::as_ref), tier_index, domain)) {
+        Some(limit) => Some(limit),
+        None => rule.filter(|rule| !rule.unlimited).and_then(|rule| rule.limit_for(tier_index).cloned()),
+    };
+    let Some(limit) = limit else { return no_limit };
+    let meter = rule.map_or(Meter::Requests, |rule| rule.meter);
+    let shadow = rule.is_some_and(|rule| rule.shadow);
+
+    let cost = descriptor.hits.unwrap_or(if request.hits == 0 { 1 } else { u64::from(request.hits) });
+    let is_report = phase == Some(REPORT_PHASE);
+    let kind = if is_report {
+        match descriptor.hits {
+            Some(amount) if rule.is_some_and(|rule| rule.reports) => Kind::Report { amount },
+            _ => Kind::IgnoredReport,
+        }
+    } else if descriptor.negative {
+        Kind::Credit { amount: cost }
+    } else {
+        Kind::Check { cost }
+    };
+    if kind == Kind::IgnoredReport {
+        return Planned { kind, limit: Some(limit), meter, shadow, op: None };
+    }
+
+    let key = keys::bucket_key(&domain.name, identity.iter().copied());
+    let op_index = match ops.iter().position(|op| op.key == key) {
+        Some(index) => index,
+        None => {
+            ops.push(BucketOp {
+                key,
+                params: limit.params,
+                check: None,
+                shadow,
+                credit: 0,
+                reports: Vec::new(),
+                estimates: Vec::new(),
+            });
+            ops.len() - 1
+        }
+    };
+    let op = &mut ops[op_index];
+    match kind {
+        Kind::Check { cost } => {
+            op.check = Some(op.check.unwrap_or(0).saturating_add(cost));
+            if let (Some(id), true) = (request_id, cost > 0) {
+                op.estimates.push(Estimate { key: keys::estimate_key(&op.key, id), amount: cost });
+            }
+        }
+        Kind::Report { amount } => {
+            let estimate_key = request_id.map(|id| keys::estimate_key(&op.key, id));
+            op.reports.push(Report { amount, estimate_key });
+        }
+        Kind::Credit { amount } => op.credit = op.credit.saturating_add(amount),
+        Kind::NoLimit | Kind::IgnoredReport => {}
+    }
+    Planned { kind, limit: Some(limit), meter, shadow, op: Some(op_index) }
+}
+
+/// Walks the tree: every entry must match, in order, and the rule must end
+/// exactly at the last entry.
+fn find_rule<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<&'a Arc<Rule>> {
+    let mut node = root;
+    for (key, value) in entries {
+        node = node.children.get(*key)?.find(value)?;
+    }
+    node.rule.as_ref()
+}
+
+/// The limit Envoy chose for one descriptor, or `None` when it is unusable
+/// (unit UNKNOWN or a multiplier of 0), in which case the configured limit
+/// applies.
+fn override_limit(
+    limit: LimitOverride,
+    rule: Option<&Rule>,
+    tier: Option<usize>,
+    domain: &DomainLimits,
+) -> Option<Arc<Limit>> {
+    let unit = match limit.unit {
+        1 => Unit::Second,
+        2 => Unit::Minute,
+        3 => Unit::Hour,
+        4 => Unit::Day,
+        5 => Unit::Month,
+        6 => Unit::Year,
+        7 => Unit::Week,
+        _ => return None,
+    };
+    let multiplier = limit.multiplier.unwrap_or(1);
+    if multiplier == 0 {
+        return None;
+    }
+    let per_window = u64::from(limit.requests_per_unit);
+    let window_ms = unit.ms() * u64::from(multiplier);
+    let params = BucketParams::new(per_window, window_ms, per_window).ok()?;
+    let configured = rule.and_then(|rule| rule.limit_for(tier));
+    let owner = match configured {
+        Some(configured) => configured.owner.clone(),
+        None => tier.and_then(|t| domain.tiers.get(t)).map_or_else(|| "rate limit".to_owned(), |t| t.display_name.clone()),
+    };
+    Some(Arc::new(Limit { per_window, unit, multiplier, name: configured.map(|c| c.name.clone()).unwrap_or_default(), owner, params }))
+}
