@@ -194,9 +194,3 @@ fn remember(estimates: &mut impl EstimateTable, estimate: &Estimate) {
         Some(EstimateRecord::Settled) => {}
     }
 }
-
-/// Params shared by tests of this module and of the stores.
-#[cfg(test)]
-pub(crate) fn params(limit: u64, window_ms: u64) -> BucketParams {
-    BucketParams::new(limit, window_ms, limit).expect("test limit is exact")
-}

@@ -1,0 +1,147 @@
+//! The command line: `serve` and `check-config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::{error, info};
+
+use crate::clock::Clock;
+use crate::config;
+use crate::limiter::{Limiter, LimiterSettings};
+use crate::server;
+use crate::store::{MemoryStore, RedisStore, Store};
+use crate::telemetry::{self, LogFormat};
+
+/// The gRPC address served when none is given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
+
+/// Envoy rate-limit service with exact token buckets on Redis or in memory.
+#[derive(Debug, Parser)]
+#[command(name = "fikra-ratelimit", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve ShouldRateLimit over gRPC.
+    Serve(ServeArgs),
+    /// Validate configuration files and print every problem.
+    CheckConfig {
+        /// YAML files or directories of them.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration: a YAML file or a directory of YAML files.
+    #[arg(long, env = "FIKRA_CONFIG")]
+    pub config: PathBuf,
+    /// Address to serve gRPC on.
+    #[arg(long, env = "FIKRA_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Redis URL, such as redis://127.0.0.1:6379; without it buckets live
+    /// in this process's memory (one replica only).
+    #[arg(long, env = "FIKRA_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Log line format.
+    #[arg(long, env = "FIKRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Runs a parsed command line and returns the process's exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::CheckConfig { paths } => check_config(&paths),
+        Command::Serve(args) => {
+            telemetry::init(args.log_format, "info");
+            match serve(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    error!(%error, "Service stopped on an error");
+                    eprintln!("fikra-ratelimit: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check_config(paths: &[PathBuf]) -> ExitCode {
+    match config::load(paths) {
+        Ok(limits) => {
+            let mut names: Vec<&String> = limits.domains.keys().collect();
+            names.sort();
+            println!("configuration is valid: {} domain(s): {}", names.len(), names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let limits = config::load(std::slice::from_ref(&args.config))?;
+    info!(config.path = %args.config.display(), config.domains = limits.domains.len(), "Configuration loaded");
+
+    let store = match &args.redis_url {
+        None => Store::Memory(MemoryStore::new(Clock::monotonic())),
+        Some(url) => {
+            let store = RedisStore::connect(url).await?;
+            info!(redis.url = %redact(url), "Connected to Redis");
+            Store::Redis(store)
+        }
+    };
+    let limiter = Limiter::new(limits, store, LimiterSettings::default());
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|error| {
+        anyhow::anyhow!("cannot listen on {}: {error}; choose a free address with --listen", args.listen)
+    })?;
+    server::run(listener, limiter, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// A Redis URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            error!(%error, "Cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                error!(%error, "Cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = ctrl_c => info!(signal = "SIGINT", "Shutdown requested"),
+        () = terminate => info!(signal = "SIGTERM", "Shutdown requested"),
+    }
+}

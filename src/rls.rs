@@ -1,0 +1,184 @@
+//! The `ShouldRateLimit` handler: protocol to domain, decide, domain to
+//! protocol, and the one place where errors become gRPC statuses.
+
+use std::sync::Arc;
+
+use prost_types::{Duration as ProtoDuration, Struct, Value, value::Kind as ValueKind};
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::answer;
+use crate::limiter::{CheckRequest, Decision, Descriptor, Entry, LimitOverride, Limiter, LimiterError, Outcome};
+use crate::proto::envoy::config::core::v3::HeaderValue;
+use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus, RateLimit, rate_limit::Unit};
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use crate::telemetry::Throttle;
+
+/// Serves `ShouldRateLimit` from a [`Limiter`].
+#[derive(Clone)]
+pub struct RateLimitHandler {
+    limiter: Limiter,
+    unknown_domain_log: Arc<Throttle>,
+    store_error_log: Arc<Throttle>,
+}
+
+impl RateLimitHandler {
+    pub fn new(limiter: Limiter) -> Self {
+        Self { limiter, unknown_domain_log: Arc::new(Throttle::new()), store_error_log: Arc::new(Throttle::new()) }
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for RateLimitHandler {
+    async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
+        let request = translate(request.into_inner());
+        match self.limiter.decide(&request).await {
+            Ok(decision) => {
+                if decision.unknown_domain {
+                    if let Some(suppressed) = self.unknown_domain_log.allow() {
+                        warn!(rls.domain = %request.domain, suppressed, "Unknown domain; allowing the call without limits");
+                    }
+                }
+                debug!(
+                    rls.domain = %request.domain,
+                    rls.descriptors = request.descriptors.len(),
+                    rls.allowed = decision.outcome == Outcome::Allowed,
+                    "Decided"
+                );
+                Ok(Response::new(respond(&decision)))
+            }
+            Err(error) => Err(self.rescue(error, &request.domain)),
+        }
+    }
+}
+
+impl RateLimitHandler {
+    /// Maps every failure to a gRPC status.
+    fn rescue(&self, error: LimiterError, domain: &str) -> Status {
+        match error {
+            // The gateway built a wrong call: tell it which field, never
+            // UNKNOWN, which Envoy would treat as "allowed".
+            LimiterError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
+            // The store did not answer: UNAVAILABLE lets Envoy's
+            // `failure_mode_deny` decide what the client gets.
+            LimiterError::Store(store) if store.is_transient() => {
+                if let Some(suppressed) = self.store_error_log.allow() {
+                    warn!(rls.domain = %domain, error = %store, suppressed, "Store unavailable");
+                }
+                Status::unavailable("rate-limit store unavailable")
+            }
+            LimiterError::Store(store) => {
+                if let Some(suppressed) = self.store_error_log.allow() {
+                    warn!(rls.domain = %domain, error = %store, suppressed, "Store returned an unreadable reply");
+                }
+                Status::internal("rate-limit store error")
+            }
+        }
+    }
+}
+
+/// Converts the protocol request, normalising its quirks once.
+pub fn translate(request: RateLimitRequest) -> CheckRequest {
+    CheckRequest {
+        domain: request.domain,
+        descriptors: request.descriptors.into_iter().map(descriptor).collect(),
+        hits: request.hits_addend,
+    }
+}
+
+fn descriptor(descriptor: RateLimitDescriptor) -> Descriptor {
+    Descriptor {
+        entries: descriptor.entries.into_iter().map(|e| Entry { key: e.key, value: e.value }).collect(),
+        limit: descriptor.limit.map(|limit| LimitOverride {
+            requests_per_unit: limit.requests_per_unit,
+            unit: limit.unit,
+            multiplier: limit.unit_multiplier,
+        }),
+        // A present wrapper holding 0 means "check only"; absent means the
+        // request-level cost applies.
+        hits: descriptor.hits_addend,
+        negative: descriptor.is_negative_hits,
+    }
+}
+
+/// Builds the protocol answer; never `overall_code` UNKNOWN, which Envoy
+/// would let through.
+pub fn respond(decision: &Decision) -> RateLimitResponse {
+    let answer = answer::build(decision);
+    let statuses = decision.statuses.iter().map(status).collect();
+    let dynamic_metadata = (decision.shadow_denials() > 0).then(|| shadow_metadata(decision));
+    RateLimitResponse {
+        overall_code: code(decision.outcome) as i32,
+        statuses,
+        response_headers_to_add: answer
+            .headers
+            .into_iter()
+            .map(|(key, value)| HeaderValue { key: key.to_owned(), value, raw_value: Vec::new() })
+            .collect(),
+        request_headers_to_add: Vec::new(),
+        raw_body: answer.body.map(String::into_bytes).unwrap_or_default(),
+        dynamic_metadata,
+        quota: None,
+    }
+}
+
+fn code(outcome: Outcome) -> Code {
+    match outcome {
+        Outcome::Allowed => Code::Ok,
+        Outcome::Denied => Code::OverLimit,
+    }
+}
+
+fn status(status: &crate::limiter::DescriptorStatus) -> DescriptorStatus {
+    let Some(limit) = &status.limit else {
+        return DescriptorStatus { code: code(status.outcome) as i32, ..Default::default() };
+    };
+    DescriptorStatus {
+        code: code(status.outcome) as i32,
+        current_limit: Some(RateLimit {
+            name: limit.name.clone(),
+            requests_per_unit: saturate(limit.per_window),
+            unit: unit(limit.unit) as i32,
+            unit_multiplier: (limit.multiplier != 1).then_some(limit.multiplier),
+        }),
+        limit_remaining: saturate(status.remaining),
+        duration_until_reset: Some(duration(status.reset_ms)),
+        quota: None,
+    }
+}
+
+/// Values on the wire saturate at the uint32 maximum, never wrap.
+fn saturate(value: u64) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+fn unit(unit: crate::config::Unit) -> Unit {
+    use crate::config::Unit as U;
+    match unit {
+        U::Second => Unit::Second,
+        U::Minute => Unit::Minute,
+        U::Hour => Unit::Hour,
+        U::Day => Unit::Day,
+        U::Week => Unit::Week,
+        U::Month => Unit::Month,
+        U::Year => Unit::Year,
+    }
+}
+
+fn duration(ms: u64) -> ProtoDuration {
+    ProtoDuration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from(ms % 1000 * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// Marks shadowed would-be denials for Envoy's formatters, in the
+/// `envoy.filters.http.ratelimit` namespace: `shadow_denied` is the count.
+fn shadow_metadata(decision: &Decision) -> Struct {
+    let count = decision.shadow_denials() as f64;
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("shadow_denied".to_owned(), Value { kind: Some(ValueKind::NumberValue(count)) });
+    Struct { fields }
+}
