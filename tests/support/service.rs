@@ -1,180 +1,87 @@
-//! Runs the `fikra-ratelimit` binary as a child process on loopback.
-//!
-//! Include it from an integration test with
-//! `#[path = "support/service.rs"] mod service;`. The process is killed by its
-//! PID when its handle is dropped, and a test that panics meanwhile prints the
-//! end of the service's log.
-
+//! The real server, started in-process on a free loopback port.
 #![allow(dead_code)]
 
-use std::fs;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
 
-use tempfile::TempDir;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
+use fikra_ratelimit::config::{self, Limits};
+use fikra_ratelimit::limiter::{Limiter, LimiterSettings};
+use fikra_ratelimit::proto::envoy::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor};
+use fikra_ratelimit::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use fikra_ratelimit::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use fikra_ratelimit::server;
+use fikra_ratelimit::store::Store;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
 
-/// Path of the shipped service configuration, relative to the repository root.
-pub const SHIPPED_CONFIG: &str = "deploy/config/fikra.yaml";
-
-/// Maximum wait for the service to listen and report SERVING.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Attempts with a new port when another process takes the chosen one.
-const START_ATTEMPTS: usize = 5;
-
-/// Number of log lines shown when a test fails while the service runs.
-const LOG_TAIL_LINES: usize = 60;
-
-/// A `fikra-ratelimit serve` process, killed on drop.
+/// A running server; dropping it shuts it down.
 pub struct Service {
-    child: Child,
-    port: u16,
-    log_path: PathBuf,
-    // Holds the log file until the process is gone.
-    _dir: TempDir,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Service {
-    /// Starts `fikra-ratelimit serve` with the shipped configuration on a free
-    /// loopback port, with buckets in the Redis at `redis_url`, and waits until
-    /// its gRPC health check returns SERVING.
-    ///
-    /// The log level is `info`, or the value of `RUST_LOG`. Panics with the end
-    /// of the service's log when it exits or is not SERVING within 30 s.
-    pub async fn start(redis_url: &str) -> Service {
-        let dir = tempfile::Builder::new()
-            .prefix("fikra-service-")
-            .tempdir()
-            .expect("create a temporary directory for the service");
-        let log_path = dir.path().join("service.log");
-        let config = repo_root().join(SHIPPED_CONFIG);
+    pub async fn start(limits: Limits, store: Store) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound address");
+        let limiter = Limiter::new(limits, store, LimiterSettings::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server::run(listener, limiter, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        Self { addr, stop: Some(stop), task: Some(task) }
+    }
 
-        for attempt in 1..=START_ATTEMPTS {
-            let port = free_port();
-            let child = spawn(&config, port, redis_url, &log_path);
-            let mut service = Service { child, port, log_path: log_path.clone(), _dir: dir };
-            match service.wait_until_serving().await {
-                Ok(()) => return service,
-                // The port was taken between free_port and the service's bind.
-                Err(log) if attempt < START_ATTEMPTS && log.contains("cannot listen on") => {
-                    eprintln!("fikra-ratelimit could not bind port {port}, retrying on another port");
-                    dir = service.into_dir();
-                }
-                Err(log) => panic!("fikra-ratelimit did not start. End of its log:\n{log}"),
-            }
+    pub async fn client(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::connect(format!("http://{}", self.addr)).await.expect("connect to the service")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect().await.expect("connect")
+    }
+
+    /// Shuts down and waits for the server to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        unreachable!("the last attempt returns or panics")
-    }
-
-    /// Port of the gRPC server on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Returns the service's log so far.
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Polls the health service until it returns SERVING. Returns the end of
-    /// the log when the process exits or the timeout passes.
-    async fn wait_until_serving(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let endpoint = format!("http://127.0.0.1:{}", self.port);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("check whether the service runs") {
-                return Err(format!("(exited with {status})\n{}", self.log_tail()));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("(not SERVING after {STARTUP_TIMEOUT:?})\n{}", self.log_tail()));
-            }
-            if health_is_serving(&endpoint).await {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
         }
-    }
-
-    /// Stops the process and hands back its temporary directory for a retry.
-    fn into_dir(mut self) -> TempDir {
-        stop_child(&mut self.child);
-        let _ = fs::remove_file(&self.log_path);
-        let dir = tempfile::Builder::new()
-            .prefix("fikra-service-")
-            .tempdir()
-            .expect("create a temporary directory for the service");
-        std::mem::replace(&mut self._dir, dir)
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("End of the fikra-ratelimit log:\n{}", self.log_tail());
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        stop_child(&mut self.child);
     }
 }
 
-fn spawn(config: &Path, port: u16, redis_url: &str, log_path: &Path) -> Child {
-    let log = fs::File::create(log_path).expect("create the service's log file");
-    let log_for_stdout = log.try_clone().expect("clone the service's log file handle");
-    Command::new(env!("CARGO_BIN_EXE_fikra-ratelimit"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--redis-url", redis_url])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
-        .stdin(Stdio::null())
-        .stdout(log_for_stdout)
-        .stderr(log)
-        .spawn()
-        .expect("start fikra-ratelimit")
+/// Limits from one YAML text.
+pub fn limits(yaml: &str) -> Limits {
+    let domain = config::parse(yaml, "test.yaml").unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));
+    Limits { domains: [(domain.name.clone(), std::sync::Arc::new(domain))].into_iter().collect() }
 }
 
-/// Whether the overall health status at `endpoint` is SERVING; false while
-/// nothing listens or the check fails.
-async fn health_is_serving(endpoint: &str) -> bool {
-    let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .expect("a valid endpoint URL")
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(1))
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    let request = HealthCheckRequest { service: String::new() };
-    match HealthClient::new(channel).check(request).await {
-        Ok(response) => response.into_inner().status == ServingStatus::Serving as i32,
-        Err(_) => false,
+/// A protocol descriptor from `key=value` pairs.
+pub fn descriptor(entries: &[(&str, &str)], hits: Option<u64>) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(key, value)| rate_limit_descriptor::Entry { key: (*key).to_owned(), value: (*value).to_owned() })
+            .collect(),
+        limit: None,
+        hits_addend: hits,
+        is_negative_hits: false,
     }
 }
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
-    listener.local_addr().expect("local address of a bound listener").port()
-}
-
-/// Kills a child process by its PID and reaps it.
-fn stop_child(child: &mut Child) {
-    // kill fails only when the process has already exited, and wait reaps it either way.
-    let _ = child.kill();
-    let _ = child.wait();
+pub fn rls_request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest { domain: domain.to_owned(), descriptors, hits_addend: 0 }
 }
