@@ -63,11 +63,20 @@ pub async fn run(listener: TcpListener, limiter: Limiter, shutdown: impl Future<
         .add_service(health_service)
         .add_service(reflection)
         .add_service(RateLimitServiceServer::new(handler))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     health_task.abort();
     info!(listen.addr = ?address, "Server stopped");
     Ok(result?)
+}
+
+/// Accepted connections with Nagle's algorithm off: with it on, a small
+/// answer waits for the peer's delayed ACK (about 40 ms on Linux), twice
+/// Envoy's default 20 ms deadline.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 /// Pings the store every [`HEALTH_INTERVAL`] and reports the result.
