@@ -1,0 +1,767 @@
+//! Store contract: the memory store and the Redis store give the same
+//! decisions and the same remaining counts for the same batches.
+//!
+//! Each contract case is one async function that takes a [`Harness`], and
+//! `contract_tests!` runs it twice: on a `MemoryStore` and on a `RedisStore`
+//! connected to a throwaway `redis-server` on loopback. Cases that inspect
+//! Redis itself, and a randomized comparison of the Redis script with
+//! `judge()`, run on Redis only.
+//!
+//! Most cases use buckets that refill their whole capacity once per day, so
+//! the few milliseconds a test takes never refill a whole unit.
+
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fikra_ratelimit::clock::Clock;
+use fikra_ratelimit::limiter::bucket::{BucketParams, BucketState};
+use fikra_ratelimit::limiter::judge::{
+    BatchOutcome, BucketOp, Estimate, EstimateRecord, EstimateTable, Report, Settlement, judge,
+};
+use fikra_ratelimit::store::redis::RedisOptions;
+use fikra_ratelimit::store::{Batch, MemoryStore, RedisStore, Store, StoreError};
+use redis_server::RedisServer;
+
+const TTL_SLACK: Duration = Duration::from_secs(5);
+const ESTIMATE_TTL: Duration = Duration::from_secs(600);
+const MINUTE_MS: u64 = 60_000;
+const DAY_MS: u64 = 86_400_000;
+
+/// Gives every test its own hash tag, so tests never share keys.
+static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
+
+/// One store under test, with a second handle on the same state.
+struct Harness {
+    store: Store,
+    /// The same state through another handle: a clone of the memory store,
+    /// or a second Redis connection pool.
+    second: Store,
+    memory: Option<MemoryStore>,
+    server: Option<RedisServer>,
+    tag: u64,
+}
+
+impl Harness {
+    fn memory() -> Self {
+        let memory = MemoryStore::new(Clock::monotonic());
+        Self {
+            store: Store::Memory(memory.clone()),
+            second: Store::Memory(memory.clone()),
+            memory: Some(memory),
+            server: None,
+            tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    async fn redis() -> Self {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis-server");
+        let second = RedisStore::connect(&server.url()).await.expect("connect to the test redis-server again");
+        Self {
+            store: Store::Redis(store),
+            second: Store::Redis(second),
+            memory: None,
+            server: Some(server),
+            tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    fn bucket(&self, name: &str) -> String {
+        format!("frl1:{{t{}}}:b:{name}", self.tag)
+    }
+
+    fn estimate(&self, name: &str) -> String {
+        format!("frl1:{{t{}}}:e:{name}", self.tag)
+    }
+
+    fn server(&self) -> &RedisServer {
+        self.server.as_ref().expect("a Redis harness")
+    }
+
+    async fn apply(&self, ops: Vec<BucketOp>) -> BatchOutcome {
+        self.store.apply(&batch(ops)).await.expect("the store judges the batch")
+    }
+
+    /// Number of buckets the store holds for this test.
+    fn stored_buckets(&self) -> usize {
+        match &self.memory {
+            Some(memory) => memory.bucket_count(),
+            None => self.server().keys(&format!("frl1:{{t{}}}:b:*", self.tag)).len(),
+        }
+    }
+}
+
+fn batch(ops: Vec<BucketOp>) -> Batch {
+    Batch { ops, ttl_slack: TTL_SLACK, estimate_ttl: ESTIMATE_TTL }
+}
+
+/// Returns params for a bucket of `capacity` units that refills `capacity`
+/// units per day.
+fn slow(capacity: u64) -> BucketParams {
+    BucketParams::new(capacity, DAY_MS, capacity).expect("exact params")
+}
+
+fn op(key: &str, params: BucketParams) -> BucketOp {
+    BucketOp {
+        key: key.to_owned(),
+        params,
+        check: None,
+        shadow: false,
+        credit: 0,
+        reports: Vec::new(),
+        estimates: Vec::new(),
+    }
+}
+
+fn check(key: &str, params: BucketParams, cost: u64) -> BucketOp {
+    BucketOp { check: Some(cost), ..op(key, params) }
+}
+
+fn report(key: &str, params: BucketParams, amount: u64, estimate_key: Option<&str>) -> BucketOp {
+    let reports = vec![Report { amount, estimate_key: estimate_key.map(str::to_owned) }];
+    BucketOp { reports, ..op(key, params) }
+}
+
+fn estimated(key: &str, params: BucketParams, cost: u64, estimate_key: &str) -> BucketOp {
+    let estimates = vec![Estimate { key: estimate_key.to_owned(), amount: cost }];
+    BucketOp { estimates, ..check(key, params, cost) }
+}
+
+/// Whole units left in bucket `index` of `outcome`.
+fn left(outcome: &BatchOutcome, index: usize, params: &BucketParams) -> u64 {
+    outcome.buckets[index].state.remaining(params)
+}
+
+macro_rules! contract_tests {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$case(&super::Harness::memory()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$case(&super::Harness::redis().await).await;
+            }
+        }
+    )*};
+}
+
+contract_tests!(
+    fresh_bucket_is_full,
+    checks_are_charged,
+    all_or_nothing_across_buckets,
+    check_only_needs_one_unit,
+    cost_above_capacity_is_denied,
+    reports_make_debt_up_to_clamp,
+    reports_apply_when_checks_deny,
+    credits_stop_at_capacity,
+    settlement_refunds_overestimate,
+    settlement_charges_underestimate,
+    settlement_of_unknown_request_charges_report,
+    settlement_duplicate_changes_nothing,
+    settlement_estimates_add_up,
+    settlement_denied_check_remembers_nothing,
+    shadow_ops_never_deny,
+    full_bucket_is_not_stored,
+    refill_follows_real_time,
+    rescale_keeps_used_amount,
+    trillion_per_minute_is_exact,
+    concurrent_checks_admit_capacity,
+);
+
+// === Contract cases ===
+
+async fn fresh_bucket_is_full(h: &Harness) {
+    let p = slow(10);
+    let out = h.apply(vec![check(&h.bucket("a"), p, 0)]).await;
+    assert!(out.allowed);
+    assert!(out.buckets[0].fits);
+    assert_eq!(out.buckets[0].state.level, 0);
+    assert_eq!(left(&out, 0, &p), 10);
+}
+
+async fn checks_are_charged(h: &Harness) {
+    let (a, b) = (h.bucket("a"), h.bucket("b"));
+    let p = slow(10);
+
+    let out = h.apply(vec![check(&a, p, 3), check(&b, p, 5)]).await;
+    assert!(out.allowed);
+    assert!(out.buckets[0].charged);
+    assert!(out.buckets[1].charged);
+    assert_eq!(left(&out, 0, &p), 7);
+    assert_eq!(left(&out, 1, &p), 5);
+
+    let out = h.apply(vec![check(&a, p, 4)]).await;
+    assert!(out.allowed);
+    assert_eq!(left(&out, 0, &p), 3);
+
+    let out = h.apply(vec![check(&a, p, 4)]).await;
+    assert!(!out.allowed, "4 units do not fit in 3");
+    assert!(!out.buckets[0].fits);
+    assert!(!out.buckets[0].charged);
+    assert_eq!(left(&out, 0, &p), 3);
+
+    let out = h.apply(vec![check(&a, p, 3)]).await;
+    assert!(out.allowed);
+    assert_eq!(left(&out, 0, &p), 0);
+}
+
+async fn all_or_nothing_across_buckets(h: &Harness) {
+    let (a, b) = (h.bucket("a"), h.bucket("b"));
+    let (pa, pb) = (slow(10), slow(3));
+
+    let out = h.apply(vec![check(&a, pa, 5), check(&b, pb, 5)]).await;
+    assert!(!out.allowed);
+    assert!(out.buckets[0].fits);
+    assert!(!out.buckets[0].charged, "a denied check charges no bucket");
+    assert!(!out.buckets[1].fits);
+    assert!(!out.buckets[1].charged);
+    assert_eq!(left(&out, 0, &pa), 10);
+    assert_eq!(left(&out, 1, &pb), 3);
+
+    let out = h.apply(vec![check(&a, pa, 5)]).await;
+    assert!(out.allowed);
+    assert_eq!(left(&out, 0, &pa), 5, "the denied batch charged nothing before");
+}
+
+async fn check_only_needs_one_unit(h: &Harness) {
+    let a = h.bucket("a");
+    let p = slow(2);
+
+    let out = h.apply(vec![check(&a, p, 1)]).await;
+    assert_eq!(left(&out, 0, &p), 1);
+    let out = h.apply(vec![check(&a, p, 0)]).await;
+    assert!(out.allowed, "one unit left admits a check-only descriptor");
+    assert_eq!(left(&out, 0, &p), 1, "a check-only descriptor costs nothing");
+
+    h.apply(vec![check(&a, p, 1)]).await;
+    let out = h.apply(vec![check(&a, p, 0)]).await;
+    assert!(!out.allowed, "an empty bucket denies a check-only descriptor");
+    assert_eq!(left(&out, 0, &p), 0);
+}
+
+async fn cost_above_capacity_is_denied(h: &Harness) {
+    let a = h.bucket("a");
+    let p = slow(5);
+    let out = h.apply(vec![check(&a, p, 6)]).await;
+    assert!(!out.allowed);
+    assert_eq!(left(&out, 0, &p), 5);
+}
+
+async fn reports_make_debt_up_to_clamp(h: &Harness) {
+    let a = h.bucket("a");
+    let p = slow(10);
+
+    let out = h.apply(vec![BucketOp { check: Some(0), ..report(&a, p, 15, None) }]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::Unmatched]);
+    assert_eq!(out.buckets[0].forgiven, 0);
+    assert_eq!(out.buckets[0].state.level, 15 * p.scale, "the report goes 5 units into debt");
+    assert!(!out.allowed, "a bucket in debt denies checks");
+    assert_eq!(left(&out, 0, &p), 0);
+
+    // A millisecond between the batches refills a few sub-units, less than
+    // a unit, so the clamp still forgives 5 whole units.
+    let out = h.apply(vec![report(&a, p, 10, None)]).await;
+    assert_eq!(out.buckets[0].forgiven, 5, "debt stops at one capacity");
+    let level = out.buckets[0].state.level;
+    assert!(level <= p.max_level(), "level {level} is above the clamp");
+    assert!(level > p.max_level() - p.scale, "level {level} is a unit or more below the clamp");
+
+    let out = h.apply(vec![check(&a, p, 1)]).await;
+    assert!(!out.allowed);
+}
+
+async fn reports_apply_when_checks_deny(h: &Harness) {
+    let (a, b) = (h.bucket("a"), h.bucket("b"));
+    let (pa, pb) = (slow(3), slow(10));
+
+    let out = h.apply(vec![check(&a, pa, 5), report(&b, pb, 4, None)]).await;
+    assert!(!out.allowed);
+    assert_eq!(left(&out, 1, &pb), 6, "the report is charged although the check is denied");
+    assert_eq!(left(&out, 0, &pa), 3);
+}
+
+async fn credits_stop_at_capacity(h: &Harness) {
+    let a = h.bucket("a");
+    let p = slow(10);
+
+    h.apply(vec![check(&a, p, 3)]).await;
+    let out = h.apply(vec![BucketOp { credit: 5, ..op(&a, p) }]).await;
+    assert_eq!(left(&out, 0, &p), 10, "a credit never goes above capacity");
+    assert_eq!(out.buckets[0].state.level, 0);
+
+    h.apply(vec![check(&a, p, 8)]).await;
+    let out = h.apply(vec![BucketOp { credit: 2, ..check(&a, p, 4) }]).await;
+    assert!(out.allowed, "the credit applies before the check");
+    assert_eq!(left(&out, 0, &p), 0);
+}
+
+async fn settlement_refunds_overestimate(h: &Harness) {
+    let (a, r) = (h.bucket("a"), h.estimate("r1"));
+    let p = slow(100);
+
+    let out = h.apply(vec![estimated(&a, p, 10, &r)]).await;
+    assert_eq!(left(&out, 0, &p), 90);
+
+    let out = h.apply(vec![report(&a, p, 4, Some(&r))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::Settled { estimate: 10, actual: 4 }]);
+    assert_eq!(left(&out, 0, &p), 96);
+}
+
+async fn settlement_charges_underestimate(h: &Harness) {
+    let (a, r) = (h.bucket("a"), h.estimate("r1"));
+    let p = slow(100);
+
+    h.apply(vec![estimated(&a, p, 10, &r)]).await;
+    let out = h.apply(vec![report(&a, p, 25, Some(&r))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::Settled { estimate: 10, actual: 25 }]);
+    assert_eq!(left(&out, 0, &p), 75);
+}
+
+async fn settlement_of_unknown_request_charges_report(h: &Harness) {
+    let (a, r) = (h.bucket("a"), h.estimate("unknown"));
+    let p = slow(100);
+
+    let out = h.apply(vec![report(&a, p, 7, Some(&r))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::UnknownRequest]);
+    assert_eq!(left(&out, 0, &p), 93);
+
+    let out = h.apply(vec![report(&a, p, 7, Some(&r))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::Duplicate], "the first report settled the request id");
+    assert_eq!(left(&out, 0, &p), 93);
+}
+
+async fn settlement_duplicate_changes_nothing(h: &Harness) {
+    let (a, r) = (h.bucket("a"), h.estimate("r1"));
+    let p = slow(100);
+
+    h.apply(vec![estimated(&a, p, 10, &r)]).await;
+    h.apply(vec![report(&a, p, 4, Some(&r))]).await;
+    for amount in [4, 50] {
+        let out = h.apply(vec![report(&a, p, amount, Some(&r))]).await;
+        assert_eq!(out.buckets[0].settlements, [Settlement::Duplicate]);
+        assert_eq!(left(&out, 0, &p), 96, "a second report of {amount} changes nothing");
+    }
+}
+
+async fn settlement_estimates_add_up(h: &Harness) {
+    let (a, r) = (h.bucket("a"), h.estimate("r1"));
+    let p = slow(100);
+
+    h.apply(vec![estimated(&a, p, 10, &r)]).await;
+    let out = h.apply(vec![estimated(&a, p, 10, &r)]).await;
+    assert_eq!(left(&out, 0, &p), 80);
+
+    let out = h.apply(vec![report(&a, p, 5, Some(&r))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::Settled { estimate: 20, actual: 5 }]);
+    assert_eq!(left(&out, 0, &p), 95);
+}
+
+async fn settlement_denied_check_remembers_nothing(h: &Harness) {
+    let (a, b, r) = (h.bucket("a"), h.bucket("b"), h.estimate("r1"));
+    let (pa, pb) = (slow(10), slow(1));
+
+    // The estimate's bucket fits, but another bucket of the batch denies it.
+    let out = h.apply(vec![estimated(&a, pa, 5, &r), check(&b, pb, 2)]).await;
+    assert!(!out.allowed);
+    assert_eq!(left(&out, 0, &pa), 10);
+
+    let out = h.apply(vec![report(&a, pa, 3, Some(&r))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::UnknownRequest]);
+    assert_eq!(left(&out, 0, &pa), 7, "the report is charged in full");
+}
+
+async fn shadow_ops_never_deny(h: &Harness) {
+    let (a, b) = (h.bucket("a"), h.bucket("b"));
+    let (pa, pb) = (slow(10), slow(3));
+    let shadow = |cost| BucketOp { shadow: true, ..check(&b, pb, cost) };
+
+    let out = h.apply(vec![check(&a, pa, 1), shadow(5)]).await;
+    assert!(out.allowed, "a shadow bucket that cannot pay does not deny");
+    assert!(out.buckets[0].charged);
+    assert!(!out.buckets[1].fits);
+    assert!(!out.buckets[1].charged);
+    assert_eq!(left(&out, 0, &pa), 9);
+    assert_eq!(left(&out, 1, &pb), 3);
+
+    let out = h.apply(vec![check(&a, pa, 1), shadow(2)]).await;
+    assert!(out.buckets[1].charged, "a shadow bucket that can pay is charged");
+    assert_eq!(left(&out, 0, &pa), 8);
+    assert_eq!(left(&out, 1, &pb), 1);
+
+    let out = h.apply(vec![check(&a, pa, 20), shadow(1)]).await;
+    assert!(!out.allowed);
+    assert!(out.buckets[1].fits);
+    assert!(!out.buckets[1].charged, "a denied batch charges no shadow bucket");
+    assert_eq!(left(&out, 1, &pb), 1);
+}
+
+async fn full_bucket_is_not_stored(h: &Harness) {
+    let a = h.bucket("a");
+    let p = slow(10);
+
+    h.apply(vec![check(&a, p, 0)]).await;
+    assert_eq!(h.stored_buckets(), 0, "a check-only descriptor on a full bucket stores nothing");
+
+    h.apply(vec![check(&a, p, 3)]).await;
+    assert_eq!(h.stored_buckets(), 1);
+
+    let out = h.apply(vec![BucketOp { credit: 3, ..op(&a, p) }]).await;
+    assert_eq!(out.buckets[0].state.level, 0);
+    assert_eq!(h.stored_buckets(), 0, "a bucket credited back to full is deleted");
+}
+
+async fn refill_follows_real_time(h: &Harness) {
+    let a = h.bucket("a");
+    let p = BucketParams::new(10, 1000, 10).expect("exact params");
+
+    let out = h.apply(vec![check(&a, p, 10)]).await;
+    assert_eq!(left(&out, 0, &p), 0);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = h.apply(vec![check(&a, p, 0)]).await;
+    let refilled = left(&out, 0, &p);
+    assert!((2..=4).contains(&refilled), "300 ms refills 3 of 10 per second, give or take one: got {refilled}");
+}
+
+async fn rescale_keeps_used_amount(h: &Harness) {
+    let a = h.bucket("a");
+    let per_minute = |limit| BucketParams::new(limit, MINUTE_MS, limit).expect("exact params");
+
+    let out = h.apply(vec![check(&a, per_minute(30), 10)]).await;
+    assert_eq!(left(&out, 0, &per_minute(30)), 20);
+
+    let out = h.apply(vec![check(&a, per_minute(100), 0)]).await;
+    assert_eq!(left(&out, 0, &per_minute(100)), 90, "the 10 units used stay used under the higher limit");
+    assert_eq!(out.buckets[0].state.scale, per_minute(100).scale);
+
+    let out = h.apply(vec![check(&a, per_minute(5), 0)]).await;
+    assert!(!out.allowed, "10 used of a 5 capacity is debt");
+    assert_eq!(left(&out, 0, &per_minute(5)), 0);
+}
+
+async fn trillion_per_minute_is_exact(h: &Harness) {
+    let (a, b) = (h.bucket("a"), h.bucket("b"));
+    let trillion = 1_000_000_000_000;
+    let p = BucketParams::new(trillion, MINUTE_MS, trillion).expect("10^12 per minute is exact");
+
+    let out = h.apply(vec![check(&a, p, 1)]).await;
+    assert_eq!(left(&out, 0, &p), 999_999_999_999);
+
+    let out = h.apply(vec![report(&b, p, 3 * trillion + 7, None)]).await;
+    assert_eq!(out.buckets[0].forgiven, trillion + 7, "the clamp forgives exactly what passes 2x capacity");
+    assert_eq!(out.buckets[0].state.level, p.max_level());
+}
+
+async fn concurrent_checks_admit_capacity(h: &Harness) {
+    let a = h.bucket("a");
+    let p = slow(30);
+
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = if i % 2 == 0 { h.store.clone() } else { h.second.clone() };
+        let batch = batch(vec![check(&a, p, 1)]);
+        tasks.push(tokio::spawn(async move { store.apply(&batch).await }));
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        let outcome = task.await.expect("task runs").expect("the store judges the batch");
+        if outcome.allowed {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 30, "200 concurrent checks of 1 on a bucket of 30");
+
+    let out = h.apply(vec![check(&a, p, 0)]).await;
+    assert_eq!(left(&out, 0, &p), 0);
+}
+
+// === Redis only ===
+
+#[tokio::test]
+async fn redis_keys_expire_when_full() {
+    let h = Harness::redis().await;
+    let (fast, slow_key, r) = (h.bucket("fast"), h.bucket("slow"), h.estimate("r1"));
+    let fast_params = BucketParams::new(10, 1000, 10).expect("exact params");
+    let slow_params = slow(100);
+
+    let ops = vec![check(&fast, fast_params, 4), estimated(&slow_key, slow_params, 30, &r)];
+    let out = h.apply(ops.clone()).await;
+    assert!(out.allowed);
+
+    for (op, result) in ops.iter().zip(&out.buckets) {
+        let reset_ms = result.state.reset_ms(&op.params, out.now_ms);
+        let bound = reset_ms + TTL_SLACK.as_millis() as u64;
+        let pttl = h.server().pttl(&op.key);
+        assert!(pttl > 0, "PTTL of {} is {pttl}", op.key);
+        assert!(pttl as u64 <= bound, "PTTL of {} is {pttl}, above {bound}", op.key);
+
+        let stored = h.server().cli(&["GET", &op.key]);
+        let state = result.state;
+        assert_eq!(stored, format!("{}:{}:{}", state.level, state.stamp_ms, state.scale));
+    }
+
+    let pttl = h.server().pttl(&r);
+    assert!(pttl > 0, "estimate PTTL is {pttl}");
+    assert!(pttl as u128 <= ESTIMATE_TTL.as_millis(), "estimate PTTL {pttl} is above the estimate TTL");
+    assert_eq!(h.server().cli(&["GET", &r]), "o:30");
+
+    h.apply(vec![report(&slow_key, slow_params, 30, Some(&r))]).await;
+    assert_eq!(h.server().cli(&["GET", &r]), "s");
+}
+
+#[tokio::test]
+async fn redis_reloads_flushed_script() {
+    let h = Harness::redis().await;
+    let a = h.bucket("a");
+    let p = slow(10);
+
+    h.apply(vec![check(&a, p, 1)]).await;
+    h.server().cli(&["SCRIPT", "FLUSH"]);
+    let out = h.apply(vec![check(&a, p, 1)]).await;
+    assert_eq!(left(&out, 0, &p), 8, "the batch after SCRIPT FLUSH runs once");
+}
+
+#[tokio::test]
+async fn redis_unreadable_value_aborts_batch() {
+    let h = Harness::redis().await;
+    let (good, bad) = (h.bucket("good"), h.bucket("bad"));
+    let p = slow(10);
+    h.server().cli(&["SET", &bad, "not-a-bucket"]);
+
+    let result = h.store.apply(&batch(vec![check(&good, p, 1), check(&bad, p, 1)])).await;
+    let error = result.expect_err("an unreadable bucket fails the batch");
+    assert!(matches!(error, StoreError::Protocol(_)), "{error:?}");
+    assert!(!error.is_transient());
+    assert_eq!(h.server().keys(&good), Vec::<String>::new(), "nothing is written");
+}
+
+#[tokio::test]
+async fn redis_outage_is_transient_and_recovers() {
+    let mut h = Harness::redis().await;
+    let a = h.bucket("a");
+    let p = slow(10);
+    h.apply(vec![check(&a, p, 1)]).await;
+
+    h.server.as_mut().expect("server").stop();
+    let started = Instant::now();
+    let error = h.store.apply(&batch(vec![check(&a, p, 1)])).await.expect_err("Redis is down");
+    assert!(error.is_transient(), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "the failure took {:?}", started.elapsed());
+    assert!(h.store.ping().await.is_err());
+
+    // The restarted server is empty and has no script loaded.
+    h.server.as_mut().expect("server").restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        match h.store.apply(&batch(vec![check(&a, p, 1)])).await {
+            Ok(out) => break out,
+            Err(error) if error.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("the store did not recover: {error:?}"),
+        }
+    };
+    assert_eq!(left(&out, 0, &p), 9);
+    h.store.ping().await.expect("ping after recovery");
+}
+
+#[tokio::test]
+async fn redis_hung_server_times_out() {
+    let h = Harness::redis().await;
+    let a = h.bucket("a");
+    let p = slow(10);
+    h.apply(vec![check(&a, p, 1)]).await;
+
+    h.server().pause();
+    let started = Instant::now();
+    let error = h.store.apply(&batch(vec![check(&a, p, 1)])).await.expect_err("Redis does not reply");
+    let waited = started.elapsed();
+    h.server().resume();
+    assert!(error.is_transient(), "{error:?}");
+    assert!(waited < Duration::from_secs(3), "the call waited {waited:?} for a hung Redis");
+
+    // Redis still runs the timed-out batch once it resumes, so that check
+    // may have been charged.
+    let out = h.apply(vec![check(&a, p, 1)]).await;
+    let remaining = left(&out, 0, &p);
+    assert!((7..=8).contains(&remaining), "remaining {remaining}");
+}
+
+#[tokio::test]
+async fn redis_connect_to_silent_listener_times_out() {
+    // The kernel accepts connections to this listener, but nothing replies.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let options = RedisOptions { connect_timeout: Duration::from_millis(500), ..RedisOptions::default() };
+
+    let started = Instant::now();
+    let error =
+        RedisStore::connect_with(&format!("redis://127.0.0.1:{port}"), &options).await.expect_err("nothing replies");
+    assert!(started.elapsed() < Duration::from_secs(2), "connect took {:?}", started.elapsed());
+    assert!(error.is_transient(), "{error:?}");
+}
+
+#[tokio::test]
+async fn redis_connect_fails_fast_without_leaking_password() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    let url = format!("redis://user:s3cret-password@127.0.0.1:{free}");
+    let options = RedisOptions { connect_timeout: Duration::from_millis(500), ..RedisOptions::default() };
+
+    let started = Instant::now();
+    let error = RedisStore::connect_with(&url, &options).await.expect_err("nothing listens");
+    assert!(started.elapsed() < Duration::from_secs(2), "connect took {:?}", started.elapsed());
+    assert!(error.is_transient(), "{error:?}");
+    assert!(!error.to_string().contains("s3cret"), "the error shows the password: {error}");
+}
+
+// === Redis script against judge() ===
+
+/// Estimate records as `judge` keeps them, without expiry: every TTL in the
+/// comparison outlasts it.
+#[derive(Default)]
+struct Estimates(HashMap<String, EstimateRecord>);
+
+impl EstimateTable for Estimates {
+    fn get(&mut self, key: &str) -> Option<EstimateRecord> {
+        self.0.get(key).copied()
+    }
+
+    fn put(&mut self, key: &str, record: EstimateRecord) {
+        self.0.insert(key.to_owned(), record);
+    }
+}
+
+/// A xorshift64* generator, so the comparison is the same on every run.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// Returns an amount from 0 to `percent`% of `capacity`, often a small one.
+    fn amount(&mut self, capacity: u64, percent: u64) -> u64 {
+        if self.chance(30) {
+            return self.below(4);
+        }
+        let ceiling = capacity.saturating_mul(percent) / 100;
+        self.below(ceiling + 1)
+    }
+}
+
+/// Params the comparison switches between. The 30- and 29-day windows have
+/// scales near 2.5e9, so a rescale between them multiplies past 2^53.
+fn comparison_params() -> Vec<BucketParams> {
+    let exact = |limit, window_ms, capacity| BucketParams::new(limit, window_ms, capacity).expect("exact params");
+    vec![
+        exact(10, 1_000, 10),
+        exact(30, MINUTE_MS, 30),
+        exact(100, MINUTE_MS, 100),
+        exact(5, 3_600_000, 20),
+        exact(7, 30 * DAY_MS, 7),
+        exact(11, 29 * DAY_MS, 11),
+        exact(1_000_000_000_000, MINUTE_MS, 1_000_000_000_000),
+        exact(999_999_999_989, DAY_MS, 999_999_999_989),
+        exact(3, 1_000, 1),
+        exact(0, MINUTE_MS, 5),
+    ]
+}
+
+/// Builds a random operation on one of the buckets `current` lists. Estimate keys
+/// come from a window of three that moves with `round`, and reports mostly
+/// name keys of the window before, so most reports find an open estimate
+/// (a settled key stays settled, and reports on it are duplicates).
+fn random_op(random: &mut Random, h: &Harness, round: u64, params: &[BucketParams], current: &mut [usize]) -> BucketOp {
+    let bucket = random.below(current.len() as u64) as usize;
+    if random.chance(20) {
+        current[bucket] = random.below(params.len() as u64) as usize;
+    }
+    let p = params[current[bucket]];
+    let window = round / 6 + 2;
+    let estimate_key = |random: &mut Random| h.estimate(&format!("r{}", window + random.below(3)));
+    let report_key = |random: &mut Random| h.estimate(&format!("r{}", window - 2 + random.below(3)));
+
+    let mut op = op(&h.bucket(&format!("k{bucket}")), p);
+    if random.chance(80) {
+        op.check = Some(random.amount(p.capacity, 60));
+    }
+    op.shadow = random.chance(15);
+    if random.chance(25) {
+        op.credit = random.amount(p.capacity, 100);
+    }
+    while random.chance(35) {
+        let key = if random.chance(70) { Some(report_key(random)) } else { None };
+        op.reports.push(Report { amount: random.amount(p.capacity, 80), estimate_key: key });
+    }
+    while random.chance(50) {
+        op.estimates.push(Estimate { key: estimate_key(random), amount: random.amount(p.capacity, 50) });
+    }
+    op
+}
+
+#[tokio::test]
+async fn redis_rescale_is_exact_past_2_53() {
+    let h = Harness::redis().await;
+    let a = h.bucket("a");
+    // Coprime windows give scales of 2592000000 and 2592000007. For this
+    // level the product of a part and the new scale passes 2^53, and a
+    // plain double computation rounds the rescaled level one too low.
+    let from = BucketParams::new(7, 2_592_000_000, 7).expect("exact params");
+    let to = BucketParams::new(7, 2_592_000_007, 7).expect("exact params");
+    assert_eq!((from.scale, to.scale), (2_592_000_000, 2_592_000_007));
+    let level: u64 = 1_110_857_143;
+
+    let time = h.server().cli(&["TIME"]);
+    let seconds: u64 = time.lines().next().and_then(|line| line.parse().ok()).expect("TIME seconds");
+    let stored = BucketState { level, stamp_ms: seconds * 1000, scale: from.scale };
+    let value = format!("{}:{}:{}", stored.level, stored.stamp_ms, stored.scale);
+    h.server().cli(&["SET", &a, &value]);
+
+    let ops = vec![check(&a, to, 0)];
+    let out = h.apply(ops.clone()).await;
+    let expected = judge(&ops, &[Some(stored)], out.now_ms, &mut Estimates::default());
+    assert_eq!(out, expected);
+}
+
+#[tokio::test]
+async fn redis_script_matches_judge() {
+    let h = Harness::redis().await;
+    let params = comparison_params();
+    let mut random = Random(0x9e37_79b9_7f4a_7c15);
+    let mut current = [0, 1, 4, 6];
+    let mut states: HashMap<String, BucketState> = HashMap::new();
+    let mut estimates = Estimates::default();
+
+    for round in 0..600_u64 {
+        let ops: Vec<BucketOp> =
+            (0..1 + random.below(3)).map(|_| random_op(&mut random, &h, round, &params, &mut current)).collect();
+        let out = h.apply(ops.clone()).await;
+
+        // judge() on the states the script started from, at the script's time.
+        let before: Vec<Option<BucketState>> = ops.iter().map(|op| states.get(&op.key).copied()).collect();
+        let expected = judge(&ops, &before, out.now_ms, &mut estimates);
+        assert_eq!(out, expected, "round {round}: the script and judge() differ for {ops:#?}");
+
+        for (op, result) in ops.iter().zip(&expected.buckets) {
+            states.insert(op.key.clone(), result.state);
+        }
+    }
+}
