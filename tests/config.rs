@@ -39,6 +39,8 @@ descriptors:
     rate_limit: {unit: fortnight, requests_per_unit: -3}
   - key: user
     rate_limit: {unit: minute, requests_per_unit: 5, burst: 0}
+  - key: blocked
+    rate_limit: {unit: minute, requests_per_unit: 0, burst: 3}
 ",
     );
     let output = Command::new(BIN).arg("check-config").arg(dir.path().join("bad.yaml")).output().expect("run");
@@ -52,6 +54,7 @@ descriptors:
         "bad.yaml: descriptors[0].rate_limit.unit: unknown unit `fortnight`",
         "bad.yaml: descriptors[0].rate_limit.requests_per_unit: the limit -3 is negative",
         "bad.yaml: descriptors[1].rate_limit.burst: 0 is out of range",
+        "bad.yaml: descriptors[2].rate_limit.burst: a limit of 0 never refills",
     ] {
         assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
     }

@@ -180,8 +180,10 @@ async fn reported_tokens_lower_remaining_tokens() {
     let key = "e2e-token-usage";
 
     // Check-only requests charge no estimate, so each report charges its usage in full.
-    let first = gateway.send_and_wait_for_report(key, CHECK_ONLY_BODY, "5000").await;
+    // The clock starts before the first request, so it has run at least as long as
+    // the refill since the first report.
     let started = Instant::now();
+    let first = gateway.send_and_wait_for_report(key, CHECK_ONLY_BODY, "5000").await;
     assert_eq!(first.status, 200, "{}", first.text());
     assert_eq!(single_u64(&first, "x-ratelimit-remaining-tokens"), UNVERIFIED_TOKENS);
     assert_eq!(single(&first, "x-ratelimit-reset-tokens"), "0s");

@@ -254,6 +254,11 @@ impl Context<'_> {
         }
         let (unit, per_window, multiplier) = (unit?, per_window?, u32::try_from(multiplier?).ok()?);
         let capacity = burst?;
+        if per_window == 0 && capacity > 0 {
+            // Such a bucket would never refill, so its key could carry no TTL.
+            self.problem(format!("{path}.burst"), "a limit of 0 never refills; remove `burst` or set a limit above 0");
+            return None;
+        }
 
         let window_ms = unit.ms() * u64::from(multiplier);
         let params = match BucketParams::new(per_window, window_ms, capacity) {

@@ -65,7 +65,7 @@ impl MemoryStore {
                 tables.buckets.remove(&op.key);
                 continue;
             }
-            let expires_ms = now_ms + result.state.reset_ms(&op.params, now_ms).saturating_add(slack_ms);
+            let expires_ms = now_ms.saturating_add(result.state.reset_ms(&op.params, now_ms)).saturating_add(slack_ms);
             tables.buckets.insert(op.key.clone(), Expiring { value: result.state, expires_ms });
         }
         outcome
