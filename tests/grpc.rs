@@ -213,3 +213,56 @@ async fn two_replicas_on_one_redis_admit_exactly_the_capacity() {
     }
     assert_eq!(admitted, 30);
 }
+
+/// C10 and C11 on Redis, scaled down: odd long values and many distinct
+/// keys each keep their own bucket, no key name carries a value in clear
+/// text, names stay short, and every key expires by refill time plus slack.
+#[tokio::test]
+async fn redis_keys_hide_values_and_expire() {
+    let redis = RedisServer::start();
+    let config = "
+domain: llm
+descriptors:
+  - key: api_key
+    rate_limit: {unit: hour, requests_per_unit: 1}
+  - key: odd
+    rate_limit: {unit: minute, requests_per_unit: 30}
+";
+    let service = Service::start(limits(config), redis_store(&redis).await).await;
+    let client = service.client().await;
+    let check = |entries: Vec<(String, String)>| {
+        let mut client = client.clone();
+        async move {
+            let pairs: Vec<(&str, &str)> = entries.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            client.should_rate_limit(rls_request("llm", vec![descriptor(&pairs, None)])).await.expect("answer").into_inner().overall_code
+        }
+    };
+
+    for n in 1..=300 {
+        assert_eq!(check(vec![("api_key".into(), format!("secret-key-{n}"))]).await, Code::Ok as i32);
+    }
+    assert_eq!(check(vec![("api_key".into(), "secret-key-1".into())]).await, Code::OverLimit as i32);
+    assert_eq!(check(vec![("api_key".into(), "secret-key-177".into())]).await, Code::OverLimit as i32);
+    assert_eq!(check(vec![("api_key".into(), "secret-key-301".into())]).await, Code::Ok as i32);
+
+    let mut odd = String::from("spaces and\nnewlines\t{braces}:_ é 日本 \u{0}");
+    while odd.len() < 8 * 1024 {
+        odd.push('v');
+    }
+    let mut oks = 0;
+    for _ in 0..31 {
+        oks += i32::from(check(vec![("odd".into(), odd.clone())]).await == Code::Ok as i32);
+    }
+    assert_eq!(oks, 30);
+
+    let keys = redis.keys("*");
+    assert_eq!(keys.len(), 302, "one bucket per distinct value");
+    for key in &keys {
+        assert!(!key.contains("secret-key"), "{key} carries an API key");
+        assert!(!key.contains("spaces"), "{key} carries a value");
+        assert!(key.len() <= 128, "{key} is {} bytes", key.len());
+        let ttl = redis.pttl(key);
+        assert!(ttl > 0, "{key} has PTTL {ttl}");
+        assert!(ttl <= 3_600_000 + 2_000, "{key} has PTTL {ttl}, beyond refill time plus slack");
+    }
+}
