@@ -7,6 +7,7 @@
 
 pub mod bucket;
 pub mod decision;
+pub mod deny_cache;
 pub mod judge;
 pub mod keys;
 pub mod request;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use crate::config::Limits;
 use crate::store::{Batch, Store, StoreError};
+use deny_cache::DenyCache;
 
 pub use decision::{Decision, Denial, DescriptorStatus, Outcome};
 pub use request::{CheckRequest, Descriptor, Entry, InvalidRequest, LimitOverride, RequestBounds};
@@ -29,6 +31,9 @@ pub struct LimiterSettings {
     pub ttl_slack: Duration,
     /// How long an estimate waits for its report.
     pub estimate_ttl: Duration,
+    /// How long a bucket known to be unable to admit is answered locally;
+    /// zero turns the local denial cache off.
+    pub deny_cache_max_age: Duration,
 }
 
 impl Default for LimiterSettings {
@@ -37,6 +42,7 @@ impl Default for LimiterSettings {
             bounds: RequestBounds::default(),
             ttl_slack: Duration::from_secs(2),
             estimate_ttl: Duration::from_secs(600),
+            deny_cache_max_age: Duration::ZERO,
         }
     }
 }
@@ -56,11 +62,13 @@ pub struct Limiter {
     limits: Arc<RwLock<Arc<Limits>>>,
     store: Store,
     settings: LimiterSettings,
+    deny_cache: Arc<DenyCache>,
 }
 
 impl Limiter {
     pub fn new(limits: Limits, store: Store, settings: LimiterSettings) -> Self {
-        Self { limits: Arc::new(RwLock::new(Arc::new(limits))), store, settings }
+        let deny_cache = Arc::new(DenyCache::new(store.local_clock(), settings.deny_cache_max_age));
+        Self { limits: Arc::new(RwLock::new(Arc::new(limits))), store, settings, deny_cache }
     }
 
     /// The limits in force.
@@ -71,6 +79,7 @@ impl Limiter {
     /// Replaces the limits; calls in flight finish on the old ones.
     pub fn replace_limits(&self, limits: Limits) {
         *self.limits.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(limits);
+        self.deny_cache.clear();
     }
 
     pub fn store(&self) -> &Store {
@@ -96,7 +105,15 @@ impl Limiter {
             ttl_slack: self.settings.ttl_slack,
             estimate_ttl: self.settings.estimate_ttl,
         };
-        let outcome = if batch.ops.is_empty() { None } else { Some(self.store.apply(&batch).await?) };
+        let outcome = if batch.ops.is_empty() {
+            None
+        } else if let Some(local) = self.deny_cache.deny_locally(&batch.ops) {
+            Some(local)
+        } else {
+            let outcome = self.store.apply(&batch).await?;
+            self.deny_cache.learn(&batch.ops, &outcome);
+            Some(outcome)
+        };
         Ok(decision::read(&plan.descriptors, &batch.ops, outcome.as_ref(), plan.too_large))
     }
 }

@@ -71,6 +71,11 @@ impl MemoryStore {
         outcome
     }
 
+    /// The clock buckets refill by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// Number of buckets held (full buckets are not held).
     pub fn bucket_count(&self) -> usize {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).buckets.len()

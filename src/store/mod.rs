@@ -69,6 +69,15 @@ impl Store {
         }
     }
 
+    /// The clock for local timing next to this store: the in-memory store's
+    /// own clock (so tests that move it move everything), else a monotonic one.
+    pub fn local_clock(&self) -> crate::clock::Clock {
+        match self {
+            Self::Memory(store) => store.clock().clone(),
+            Self::Redis(_) => crate::clock::Clock::monotonic(),
+        }
+    }
+
     /// A short name for logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -11,11 +11,20 @@ use fikra_ratelimit::store::{MemoryStore, Store};
 
 /// A limiter over `yaml` on a fresh in-memory store, with its clock.
 pub fn limiter(yaml: &str) -> (Limiter, Clock) {
-    let domain = config::parse(yaml, "test.yaml").unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));
-    let limits = config::Limits { domains: [(domain.name.clone(), std::sync::Arc::new(domain))].into_iter().collect() };
+    limiter_with(yaml, LimiterSettings::default())
+}
+
+/// A limiter over `yaml` with `settings` on a fresh in-memory store.
+pub fn limiter_with(yaml: &str, settings: LimiterSettings) -> (Limiter, Clock) {
     let clock = Clock::manual(1_000_000);
-    let limiter = Limiter::new(limits, Store::Memory(MemoryStore::new(clock.clone())), LimiterSettings::default());
+    let limiter = Limiter::new(limits(yaml), Store::Memory(MemoryStore::new(clock.clone())), settings);
     (limiter, clock)
+}
+
+/// Limits from one YAML text.
+pub fn limits(yaml: &str) -> config::Limits {
+    let domain = config::parse(yaml, "test.yaml").unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));
+    config::Limits { domains: [(domain.name.clone(), std::sync::Arc::new(domain))].into_iter().collect() }
 }
 
 /// The shared field-report configuration.
