@@ -24,6 +24,7 @@ fn status(limit: &Arc<Limit>, meter: Meter, remaining: u64, reset_ms: u64) -> De
         remaining,
         reset_ms,
         shadow_denied: false,
+        facts: Default::default(),
     }
 }
 
@@ -78,6 +79,7 @@ fn allowed_answer_has_six_headers_and_no_content_type() {
         statuses: vec![status(&requests, Meter::Requests, 29, 2000), status(&tokens, Meter::Tokens, 39_000, 1500)],
         denial: None,
         unknown_domain: false,
+        store_elapsed: None,
     };
     let answer = build(&decision);
 
@@ -103,6 +105,7 @@ fn headers_describe_tightest_limit_of_meter() {
         statuses: vec![status(&wide, Meter::Requests, 90, 6000), status(&narrow, Meter::Requests, 3, 700)],
         denial: None,
         unknown_domain: false,
+        store_elapsed: None,
     };
     let answer = build(&decision);
 
@@ -120,6 +123,7 @@ fn over_limit_adds_retry_after_rounded_up() {
         statuses: vec![DescriptorStatus { outcome: Outcome::Denied, ..status(&requests, Meter::Requests, 0, 60_000) }],
         denial: Some(denial),
         unknown_domain: false,
+        store_elapsed: None,
     };
     let answer = build(&decision);
     let header = |name: &str| answer.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str());
@@ -140,6 +144,7 @@ fn too_large_says_never_retry() {
         statuses: vec![DescriptorStatus { outcome: Outcome::Denied, ..status(&tokens, Meter::Tokens, 40_000, 0) }],
         denial: Some(denial),
         unknown_domain: false,
+        store_elapsed: None,
     };
     let answer = build(&decision);
     let header = |name: &str| answer.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str());

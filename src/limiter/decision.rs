@@ -1,8 +1,9 @@
 //! The decision on one call, read from the store's outcome.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::judge::{BatchOutcome, BucketOp};
+use super::judge::{BatchOutcome, BucketOp, Settlement};
 use super::resolve::{Kind, Planned, TooLarge};
 use crate::config::{Limit, Meter};
 
@@ -23,6 +24,8 @@ pub struct Decision {
     pub denial: Option<Denial>,
     /// Whether the domain was unknown (everything allowed, nothing touched).
     pub unknown_domain: bool,
+    /// How long the store took to judge the call; `None` when it was not asked.
+    pub store_elapsed: Option<Duration>,
 }
 
 /// The state of one descriptor's bucket after the decision.
@@ -38,6 +41,44 @@ pub struct DescriptorStatus {
     pub reset_ms: u64,
     /// A shadowed limit that would have denied.
     pub shadow_denied: bool,
+    /// Facts for metrics and logs.
+    pub facts: DescriptorFacts,
+}
+
+/// What the limiter knows about one descriptor beyond its answer, for
+/// metrics and logs. Every text here comes from the configuration, never
+/// from a descriptor value, so it is safe to use as a metric label.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DescriptorFacts {
+    pub kind: DescriptorKind,
+    /// Label of the matched rule, such as `api_key/meter=tokens`; `None`
+    /// when no rule matched (a limit override from Envoy may still apply).
+    pub rule: Option<String>,
+    /// The configured name of the tier the limit was chosen for.
+    pub tier: Option<String>,
+    /// Whether the limit is in shadow mode.
+    pub shadow: bool,
+    /// How a report was settled.
+    pub settlement: Option<Settlement>,
+    /// Units the debt clamp forgave from this descriptor's bucket (counted
+    /// once per bucket, on its first report).
+    pub forgiven: u64,
+    /// Whether Envoy's limit override was ignored (unit UNKNOWN or a
+    /// multiplier of 0).
+    pub ignored_override: bool,
+}
+
+/// What a descriptor asked of its bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DescriptorKind {
+    /// No rule with a limit matched.
+    #[default]
+    NoLimit,
+    Check,
+    Report,
+    /// A report without a cost of its own, or on a rule that takes no reports.
+    IgnoredReport,
+    Credit,
 }
 
 /// Why a call was denied.
@@ -55,13 +96,19 @@ pub enum Denial {
 impl Decision {
     /// Everything allowed without limits: the domain is not configured.
     pub fn unknown_domain(descriptors: usize) -> Self {
-        Self { outcome: Outcome::Allowed, statuses: vec![DescriptorStatus::unlimited(); descriptors], denial: None, unknown_domain: true }
+        Self {
+            outcome: Outcome::Allowed,
+            statuses: vec![DescriptorStatus::unlimited(); descriptors],
+            denial: None,
+            unknown_domain: true,
+            store_elapsed: None,
+        }
     }
 
     /// A denial decided before any store work.
     pub fn denied_early(descriptors: usize, denial: Denial) -> Self {
         let status = DescriptorStatus { outcome: Outcome::Denied, ..DescriptorStatus::unlimited() };
-        Self { outcome: Outcome::Denied, statuses: vec![status; descriptors], denial: Some(denial), unknown_domain: false }
+        Self { outcome: Outcome::Denied, statuses: vec![status; descriptors], denial: Some(denial), unknown_domain: false, store_elapsed: None }
     }
 
     /// Descriptors whose shadowed limit would have denied.
@@ -72,7 +119,15 @@ impl Decision {
 
 impl DescriptorStatus {
     fn unlimited() -> Self {
-        Self { outcome: Outcome::Allowed, limit: None, meter: Meter::Requests, remaining: 0, reset_ms: 0, shadow_denied: false }
+        Self {
+            outcome: Outcome::Allowed,
+            limit: None,
+            meter: Meter::Requests,
+            remaining: 0,
+            reset_ms: 0,
+            shadow_denied: false,
+            facts: DescriptorFacts::default(),
+        }
     }
 }
 
@@ -85,9 +140,12 @@ pub fn read(planned: &[Planned], ops: &[BucketOp], outcome: Option<&BatchOutcome
         Denial::TooLarge { limit: planned.limit.clone().expect("an op has a limit"), meter: planned.meter, cost }
     });
 
+    // The n-th report naming a bucket got the bucket's n-th settlement.
+    let mut reports_seen = vec![0_usize; ops.len()];
     for descriptor in planned {
+        let facts = descriptor.facts.clone();
         let (Some(index), Some(outcome), Some(limit)) = (descriptor.op, outcome, &descriptor.limit) else {
-            let mut status = DescriptorStatus::unlimited();
+            let mut status = DescriptorStatus { facts, ..DescriptorStatus::unlimited() };
             if let Some(limit) = &descriptor.limit {
                 status.limit = Some(limit.clone());
                 status.meter = descriptor.meter;
@@ -107,7 +165,16 @@ pub fn read(planned: &[Planned], ops: &[BucketOp], outcome: Option<&BatchOutcome
             remaining: state.remaining(&op.params),
             reset_ms: state.reset_ms(&op.params, outcome.now_ms),
             shadow_denied: is_check && descriptor.shadow && !result.fits,
+            facts,
         };
+        if matches!(descriptor.kind, Kind::Report { .. }) {
+            let seen = &mut reports_seen[index];
+            status.facts.settlement = result.settlements.get(*seen).copied();
+            if *seen == 0 {
+                status.facts.forgiven = result.forgiven;
+            }
+            *seen += 1;
+        }
         if too_large.is_some_and(|t| t.op == index) {
             status.outcome = Outcome::Denied;
         }
@@ -132,6 +199,7 @@ pub fn read(planned: &[Planned], ops: &[BucketOp], outcome: Option<&BatchOutcome
         statuses,
         denial: if allowed { None } else { denial },
         unknown_domain: false,
+        store_elapsed: None,
     }
 }
 

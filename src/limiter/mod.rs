@@ -14,13 +14,13 @@ pub mod request;
 mod resolve;
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Limits;
 use crate::store::{Batch, Store, StoreError};
 use deny_cache::DenyCache;
 
-pub use decision::{Decision, Denial, DescriptorStatus, Outcome};
+pub use decision::{Decision, Denial, DescriptorFacts, DescriptorKind, DescriptorStatus, Outcome};
 pub use request::{CheckRequest, Descriptor, Entry, InvalidRequest, LimitOverride, RequestBounds};
 
 /// Settings of the limiter that are not limits.
@@ -105,15 +105,20 @@ impl Limiter {
             ttl_slack: self.settings.ttl_slack,
             estimate_ttl: self.settings.estimate_ttl,
         };
+        let mut store_elapsed = None;
         let outcome = if batch.ops.is_empty() {
             None
         } else if let Some(local) = self.deny_cache.deny_locally(&batch.ops) {
             Some(local)
         } else {
+            let started = Instant::now();
             let outcome = self.store.apply(&batch).await?;
+            store_elapsed = Some(started.elapsed());
             self.deny_cache.learn(&batch.ops, &outcome);
             Some(outcome)
         };
-        Ok(decision::read(&plan.descriptors, &batch.ops, outcome.as_ref(), plan.too_large))
+        let mut decision = decision::read(&plan.descriptors, &batch.ops, outcome.as_ref(), plan.too_large);
+        decision.store_elapsed = store_elapsed;
+        Ok(decision)
     }
 }

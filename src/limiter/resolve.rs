@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::decision::{Decision, Denial};
+use super::decision::{Decision, Denial, DescriptorFacts, DescriptorKind};
 use super::judge::{BucketOp, Estimate, Report};
 use super::keys;
 use super::request::{CheckRequest, Descriptor, LimitOverride, RequestBounds};
@@ -32,6 +32,8 @@ pub struct Planned {
     pub shadow: bool,
     /// Index of the bucket operation in the batch.
     pub op: Option<usize>,
+    /// Rule, tier and kind, for metrics and logs.
+    pub facts: DescriptorFacts,
 }
 
 /// A check whose summed cost exceeds its bucket's capacity.
@@ -107,17 +109,24 @@ fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descripto
         }
     }
 
-    let no_limit = Planned { kind: Kind::NoLimit, limit: None, meter: Meter::Requests, shadow: false, op: None };
+    let no_limit = |facts: DescriptorFacts| Planned { kind: Kind::NoLimit, limit: None, meter: Meter::Requests, shadow: false, op: None, facts };
     if identity.is_empty() {
-        return no_limit;
+        return no_limit(DescriptorFacts::default());
     }
     let rule = find_rule(&domain.root, &identity);
     let tier_index = domain.tier_index(tier);
-    let limit = match descriptor.limit.and_then(|o| override_limit(o, rule.map(Arc::as_ref), tier_index, domain)) {
+    let overridden = descriptor.limit.and_then(|o| override_limit(o, rule.map(Arc::as_ref), tier_index, domain));
+    let mut facts = DescriptorFacts {
+        rule: rule.map(|rule| rule.label.clone()),
+        tier: tier_index.and_then(|t| domain.tiers.get(t)).map(|t| t.name.clone()),
+        ignored_override: descriptor.limit.is_some() && overridden.is_none(),
+        ..DescriptorFacts::default()
+    };
+    let limit = match overridden {
         Some(limit) => Some(limit),
         None => rule.filter(|rule| !rule.unlimited).and_then(|rule| rule.limit_for(tier_index).cloned()),
     };
-    let Some(limit) = limit else { return no_limit };
+    let Some(limit) = limit else { return no_limit(facts) };
     let meter = rule.map_or(Meter::Requests, |rule| rule.meter);
     let shadow = rule.is_some_and(|rule| rule.shadow);
 
@@ -133,8 +142,16 @@ fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descripto
     } else {
         Kind::Check { cost }
     };
+    facts.shadow = shadow;
+    facts.kind = match kind {
+        Kind::NoLimit => DescriptorKind::NoLimit,
+        Kind::Check { .. } => DescriptorKind::Check,
+        Kind::Report { .. } => DescriptorKind::Report,
+        Kind::IgnoredReport => DescriptorKind::IgnoredReport,
+        Kind::Credit { .. } => DescriptorKind::Credit,
+    };
     if kind == Kind::IgnoredReport {
-        return Planned { kind, limit: Some(limit), meter, shadow, op: None };
+        return Planned { kind, limit: Some(limit), meter, shadow, op: None, facts };
     }
 
     let key = keys::bucket_key(&domain.name, identity.iter().copied());
@@ -168,7 +185,7 @@ fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descripto
         Kind::Credit { amount } => op.credit = op.credit.saturating_add(amount),
         Kind::NoLimit | Kind::IgnoredReport => {}
     }
-    Planned { kind, limit: Some(limit), meter, shadow, op: Some(op_index) }
+    Planned { kind, limit: Some(limit), meter, shadow, op: Some(op_index), facts }
 }
 
 /// Walks the tree: every entry must match, in order, and the rule must end
