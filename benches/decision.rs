@@ -1,0 +1,79 @@
+//! Micro-benchmarks of the decision path's pure parts: bucket arithmetic,
+//! key hashing, a whole decision on the in-memory store, and the answer.
+//!
+//! Run with `cargo bench --bench decision`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use fikra_ratelimit::answer;
+use fikra_ratelimit::clock::Clock;
+use fikra_ratelimit::config;
+use fikra_ratelimit::limiter::bucket::{BucketParams, BucketState};
+use fikra_ratelimit::limiter::keys;
+use fikra_ratelimit::limiter::{CheckRequest, Descriptor, Entry, Limiter, LimiterSettings};
+use fikra_ratelimit::store::{MemoryStore, Store};
+
+fn bucket(c: &mut Criterion) {
+    let params = BucketParams::new(40_000, 60_000, 40_000).expect("exact");
+    c.bench_function("bucket_refill_check_charge", |b| {
+        let mut state = BucketState::full(&params, 0);
+        let mut now = 0u64;
+        b.iter(|| {
+            now += 1;
+            state.refill(&params, black_box(now));
+            if state.fits(&params, 100) {
+                state.charge(&params, 100);
+            }
+            black_box(state.remaining(&params))
+        });
+    });
+}
+
+fn key_hashing(c: &mut Criterion) {
+    let long = "k".repeat(8 * 1024);
+    c.bench_function("bucket_key_short", |b| {
+        b.iter(|| keys::bucket_key("fikra", [("api_key", black_box("sk-0123456789abcdef")), ("meter", "requests")].into_iter()))
+    });
+    c.bench_function("bucket_key_8k_value", |b| {
+        b.iter(|| keys::bucket_key("fikra", [("api_key", black_box(long.as_str())), ("meter", "requests")].into_iter()))
+    });
+}
+
+fn entry(key: &str, value: &str) -> Entry {
+    Entry { key: key.to_owned(), value: value.to_owned() }
+}
+
+fn decision(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let domain = config::parse(include_str!("../deploy/config/fikra.yaml"), "fikra.yaml").expect("valid");
+    let limits = config::Limits { domains: [(domain.name.clone(), Arc::new(domain))].into_iter().collect() };
+    let store = Store::Memory(MemoryStore::new(Clock::manual(0)));
+    let limiter = Limiter::new(limits, store, LimiterSettings::default());
+    let mut n = 0u64;
+
+    c.bench_function("decide_requests_and_tokens_memory", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = format!("key-{}", n % 10_000);
+            let request = CheckRequest {
+                domain: "fikra".to_owned(),
+                descriptors: vec![
+                    Descriptor { entries: vec![entry("api_key", &key), entry("meter", "requests")], ..Descriptor::default() },
+                    Descriptor {
+                        entries: vec![entry("api_key", &key), entry("meter", "tokens"), entry("request_id", "r")],
+                        hits: Some(100),
+                        ..Descriptor::default()
+                    },
+                ],
+                hits: 0,
+            };
+            let decision = runtime.block_on(limiter.decide(&request)).expect("decision");
+            black_box(answer::build(&decision))
+        });
+    });
+}
+
+criterion_group!(benches, bucket, key_hashing, decision);
+criterion_main!(benches);
