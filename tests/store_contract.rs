@@ -2,10 +2,13 @@
 //! decisions and the same remaining counts for the same batches.
 //!
 //! Each contract case is one async function that takes a [`Harness`], and
-//! `contract_tests!` runs it twice: on a `MemoryStore` and on a `RedisStore`
-//! connected to a throwaway `redis-server` on loopback. Cases that inspect
-//! Redis itself, and a randomized comparison of the Redis script with
-//! `judge()`, run on Redis only.
+//! `contract_tests!` runs it on a `MemoryStore` and on a `RedisStore`
+//! connected to a throwaway `redis-server` on loopback, one test each. It
+//! also runs every case, one after the other, on a Redis Cluster of three
+//! primaries and on a Sentinel-managed primary, each shared by its cases
+//! (each case has its own hash tags). Cases that inspect Redis itself, and a
+//! randomized comparison of the Redis script with `judge()`, run on a single
+//! Redis only.
 //!
 //! Most cases use buckets that refill their whole capacity once per day, so
 //! the few milliseconds a test takes never refill a whole unit.
@@ -24,7 +27,7 @@ use fikra_ratelimit::limiter::judge::{
 };
 use fikra_ratelimit::store::redis::RedisOptions;
 use fikra_ratelimit::store::{Batch, MemoryStore, RedisStore, Store, StoreError};
-use redis_server::RedisServer;
+use redis_server::{RedisCluster, RedisSentinel, RedisServer};
 
 const TTL_SLACK: Duration = Duration::from_secs(5);
 const ESTIMATE_TTL: Duration = Duration::from_secs(600);
@@ -35,37 +38,79 @@ const DAY_MS: u64 = 86_400_000;
 static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
 
 /// One store under test, with a second handle on the same state.
-struct Harness {
+struct Harness<'a> {
     store: Store,
     /// The same state through another handle: a clone of the memory store,
     /// or a second Redis connection pool.
     second: Store,
-    memory: Option<MemoryStore>,
-    server: Option<RedisServer>,
+    backend: Backend<'a>,
     tag: u64,
 }
 
-impl Harness {
+/// Where a harness keeps its state, for cases that count stored keys.
+enum Backend<'a> {
+    Memory(MemoryStore),
+    Redis(RedisServer),
+    Cluster(&'a RedisCluster),
+    Sentinel(&'a RedisSentinel),
+}
+
+/// A Redis setup shared by every case of one topology.
+enum Shared {
+    Cluster(RedisCluster),
+    Sentinel(RedisSentinel),
+}
+
+impl Shared {
+    fn url(&self) -> String {
+        match self {
+            Self::Cluster(cluster) => cluster.url(),
+            Self::Sentinel(sentinel) => sentinel.url(),
+        }
+    }
+}
+
+impl Harness<'static> {
     fn memory() -> Self {
         let memory = MemoryStore::new(Clock::monotonic());
         Self {
             store: Store::Memory(memory.clone()),
             second: Store::Memory(memory.clone()),
-            memory: Some(memory),
-            server: None,
+            backend: Backend::Memory(memory),
             tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
         }
     }
 
     async fn redis() -> Self {
+        Self::redis_with(&options()).await
+    }
+
+    async fn redis_with(options: &RedisOptions) -> Self {
         let server = RedisServer::start();
-        let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis-server");
-        let second = RedisStore::connect(&server.url()).await.expect("connect to the test redis-server again");
+        let store = RedisStore::connect_with(&server.url(), options).await.expect("connect to the test redis-server");
+        let second =
+            RedisStore::connect_with(&server.url(), options).await.expect("connect to the test redis-server again");
         Self {
             store: Store::Redis(store),
             second: Store::Redis(second),
-            memory: None,
-            server: Some(server),
+            backend: Backend::Redis(server),
+            tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl<'a> Harness<'a> {
+    /// Builds a harness on `shared` through the two stores every case
+    /// shares, with a new tag.
+    fn on(shared: &'a Shared, store: &Store, second: &Store) -> Self {
+        let backend = match shared {
+            Shared::Cluster(cluster) => Backend::Cluster(cluster),
+            Shared::Sentinel(sentinel) => Backend::Sentinel(sentinel),
+        };
+        Self {
+            store: store.clone(),
+            second: second.clone(),
+            backend,
             tag: NEXT_TAG.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -78,8 +123,24 @@ impl Harness {
         format!("frl1:{{t{}}}:e:{name}", self.tag)
     }
 
+    /// Returns a bucket key in another cluster slot than the keys of
+    /// [`bucket`](Self::bucket).
+    fn bucket_elsewhere(&self, name: &str) -> String {
+        format!("frl1:{{t{}-{}}}:b:{name}", self.tag, other_slot(self.tag))
+    }
+
     fn server(&self) -> &RedisServer {
-        self.server.as_ref().expect("a Redis harness")
+        match &self.backend {
+            Backend::Redis(server) => server,
+            _ => panic!("a single-Redis harness"),
+        }
+    }
+
+    fn server_mut(&mut self) -> &mut RedisServer {
+        match &mut self.backend {
+            Backend::Redis(server) => server,
+            _ => panic!("a single-Redis harness"),
+        }
     }
 
     async fn apply(&self, ops: Vec<BucketOp>) -> BatchOutcome {
@@ -88,11 +149,27 @@ impl Harness {
 
     /// Number of buckets the store holds for this test.
     fn stored_buckets(&self) -> usize {
-        match &self.memory {
-            Some(memory) => memory.bucket_count(),
-            None => self.server().keys(&format!("frl1:{{t{}}}:b:*", self.tag)).len(),
+        let pattern = format!("frl1:{{t{}}}:b:*", self.tag);
+        match &self.backend {
+            Backend::Memory(memory) => memory.bucket_count(),
+            Backend::Redis(server) => server.keys(&pattern).len(),
+            Backend::Cluster(cluster) => cluster.keys(&pattern).len(),
+            Backend::Sentinel(sentinel) => sentinel.primary().keys(&pattern).len(),
         }
     }
+}
+
+/// Returns a suffix that puts `frl1:{t<tag>-<suffix>}` in another cluster
+/// slot than `frl1:{t<tag>}`.
+fn other_slot(tag: u64) -> u32 {
+    let home = fred::util::redis_keyslot(format!("t{tag}").as_bytes());
+    (0..).find(|suffix| fred::util::redis_keyslot(format!("t{tag}-{suffix}").as_bytes()) != home).expect("a suffix")
+}
+
+/// Store settings for tests: a generous time limit, since a loaded test
+/// machine may take longer than a production deadline.
+fn options() -> RedisOptions {
+    RedisOptions { store_timeout: Duration::from_secs(5), ..RedisOptions::default() }
 }
 
 fn batch(ops: Vec<BucketOp>) -> Batch {
@@ -137,29 +214,55 @@ fn left(outcome: &BatchOutcome, index: usize, params: &BucketParams) -> u64 {
 }
 
 macro_rules! contract_tests {
-    ($($case:ident),* $(,)?) => {$(
-        mod $case {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$case(&super::Harness::memory()).await;
-            }
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() {
+                    super::$case(&super::Harness::memory()).await;
+                }
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                super::$case(&super::Harness::redis().await).await;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$case(&super::Harness::redis().await).await;
+                }
             }
+        )*
+
+        /// Runs every contract case in turn on `shared`, naming each case
+        /// before it runs so a failure shows which one.
+        async fn run_every_case(shared: &Shared) {
+            let url = shared.url();
+            let store = Store::Redis(RedisStore::connect_with(&url, &options()).await.expect("connect"));
+            let second = Store::Redis(RedisStore::connect_with(&url, &options()).await.expect("connect again"));
+            $(
+                eprintln!("contract case {}", stringify!($case));
+                $case(&Harness::on(shared, &store, &second)).await;
+            )*
         }
-    )*};
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_case_on_cluster() {
+    run_every_case(&Shared::Cluster(RedisCluster::start(3, 0))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_case_on_sentinel() {
+    run_every_case(&Shared::Sentinel(RedisSentinel::start())).await;
 }
 
 contract_tests!(
     fresh_bucket_is_full,
     checks_are_charged,
     all_or_nothing_across_buckets,
+    all_or_nothing_across_slots,
     check_only_needs_one_unit,
     cost_above_capacity_is_denied,
     reports_make_debt_up_to_clamp,
     reports_apply_when_checks_deny,
+    reports_apply_across_slots_when_checks_deny,
     credits_stop_at_capacity,
     settlement_refunds_overestimate,
     settlement_charges_underestimate,
@@ -167,17 +270,19 @@ contract_tests!(
     settlement_duplicate_changes_nothing,
     settlement_estimates_add_up,
     settlement_denied_check_remembers_nothing,
+    settlement_denied_across_slots_remembers_nothing,
     shadow_ops_never_deny,
     full_bucket_is_not_stored,
     refill_follows_real_time,
     rescale_keeps_used_amount,
     trillion_per_minute_is_exact,
     concurrent_checks_admit_capacity,
+    concurrent_checks_across_slots_charge_only_admitted,
 );
 
 // === Contract cases ===
 
-async fn fresh_bucket_is_full(h: &Harness) {
+async fn fresh_bucket_is_full(h: &Harness<'_>) {
     let p = slow(10);
     let out = h.apply(vec![check(&h.bucket("a"), p, 0)]).await;
     assert!(out.allowed);
@@ -186,7 +291,7 @@ async fn fresh_bucket_is_full(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 10);
 }
 
-async fn checks_are_charged(h: &Harness) {
+async fn checks_are_charged(h: &Harness<'_>) {
     let (a, b) = (h.bucket("a"), h.bucket("b"));
     let p = slow(10);
 
@@ -212,7 +317,7 @@ async fn checks_are_charged(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 0);
 }
 
-async fn all_or_nothing_across_buckets(h: &Harness) {
+async fn all_or_nothing_across_buckets(h: &Harness<'_>) {
     let (a, b) = (h.bucket("a"), h.bucket("b"));
     let (pa, pb) = (slow(10), slow(3));
 
@@ -230,7 +335,34 @@ async fn all_or_nothing_across_buckets(h: &Harness) {
     assert_eq!(left(&out, 0, &pa), 5, "the denied batch charged nothing before");
 }
 
-async fn check_only_needs_one_unit(h: &Harness) {
+async fn all_or_nothing_across_slots(h: &Harness<'_>) {
+    let (a, b) = (h.bucket("a"), h.bucket_elsewhere("b"));
+    let (pa, pb) = (slow(10), slow(3));
+
+    let out = h.apply(vec![check(&a, pa, 5), check(&b, pb, 5)]).await;
+    assert!(!out.allowed);
+    assert!(out.buckets[0].fits);
+    assert!(!out.buckets[0].charged, "a denied check charges no bucket in any slot");
+    assert!(!out.buckets[1].fits);
+    assert_eq!(left(&out, 0, &pa), 10);
+    assert_eq!(left(&out, 1, &pb), 3);
+
+    let out = h.apply(vec![check(&a, pa, 5), check(&b, pb, 2)]).await;
+    assert!(out.allowed);
+    assert!(out.buckets.iter().all(|bucket| bucket.charged));
+    assert_eq!(left(&out, 0, &pa), 5, "the denied batch left nothing held");
+    assert_eq!(left(&out, 1, &pb), 1);
+
+    let out = h.apply(vec![check(&b, pb, 2), check(&a, pa, 1)]).await;
+    assert!(!out.allowed, "2 units do not fit in 1");
+    assert_eq!(left(&out, 1, &pa), 5);
+
+    let out = h.apply(vec![check(&a, pa, 0), check(&b, pb, 0)]).await;
+    assert_eq!(left(&out, 0, &pa), 5, "the second denial left nothing held either");
+    assert_eq!(left(&out, 1, &pb), 1);
+}
+
+async fn check_only_needs_one_unit(h: &Harness<'_>) {
     let a = h.bucket("a");
     let p = slow(2);
 
@@ -246,7 +378,7 @@ async fn check_only_needs_one_unit(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 0);
 }
 
-async fn cost_above_capacity_is_denied(h: &Harness) {
+async fn cost_above_capacity_is_denied(h: &Harness<'_>) {
     let a = h.bucket("a");
     let p = slow(5);
     let out = h.apply(vec![check(&a, p, 6)]).await;
@@ -254,7 +386,7 @@ async fn cost_above_capacity_is_denied(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 5);
 }
 
-async fn reports_make_debt_up_to_clamp(h: &Harness) {
+async fn reports_make_debt_up_to_clamp(h: &Harness<'_>) {
     let a = h.bucket("a");
     let p = slow(10);
 
@@ -277,7 +409,7 @@ async fn reports_make_debt_up_to_clamp(h: &Harness) {
     assert!(!out.allowed);
 }
 
-async fn reports_apply_when_checks_deny(h: &Harness) {
+async fn reports_apply_when_checks_deny(h: &Harness<'_>) {
     let (a, b) = (h.bucket("a"), h.bucket("b"));
     let (pa, pb) = (slow(3), slow(10));
 
@@ -287,7 +419,19 @@ async fn reports_apply_when_checks_deny(h: &Harness) {
     assert_eq!(left(&out, 0, &pa), 3);
 }
 
-async fn credits_stop_at_capacity(h: &Harness) {
+async fn reports_apply_across_slots_when_checks_deny(h: &Harness<'_>) {
+    let (a, b) = (h.bucket("a"), h.bucket_elsewhere("b"));
+    let (pa, pb) = (slow(3), slow(10));
+
+    let out = h.apply(vec![check(&a, pa, 5), report(&b, pb, 4, None)]).await;
+    assert!(!out.allowed);
+    assert_eq!(left(&out, 1, &pb), 6, "the report is charged although the check is denied");
+
+    let out = h.apply(vec![check(&b, pb, 0)]).await;
+    assert_eq!(left(&out, 0, &pb), 6, "the denial did not take the report back");
+}
+
+async fn credits_stop_at_capacity(h: &Harness<'_>) {
     let a = h.bucket("a");
     let p = slow(10);
 
@@ -302,7 +446,7 @@ async fn credits_stop_at_capacity(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 0);
 }
 
-async fn settlement_refunds_overestimate(h: &Harness) {
+async fn settlement_refunds_overestimate(h: &Harness<'_>) {
     let (a, r) = (h.bucket("a"), h.estimate("r1"));
     let p = slow(100);
 
@@ -314,7 +458,7 @@ async fn settlement_refunds_overestimate(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 96);
 }
 
-async fn settlement_charges_underestimate(h: &Harness) {
+async fn settlement_charges_underestimate(h: &Harness<'_>) {
     let (a, r) = (h.bucket("a"), h.estimate("r1"));
     let p = slow(100);
 
@@ -324,7 +468,7 @@ async fn settlement_charges_underestimate(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 75);
 }
 
-async fn settlement_of_unknown_request_charges_report(h: &Harness) {
+async fn settlement_of_unknown_request_charges_report(h: &Harness<'_>) {
     let (a, r) = (h.bucket("a"), h.estimate("unknown"));
     let p = slow(100);
 
@@ -337,7 +481,7 @@ async fn settlement_of_unknown_request_charges_report(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 93);
 }
 
-async fn settlement_duplicate_changes_nothing(h: &Harness) {
+async fn settlement_duplicate_changes_nothing(h: &Harness<'_>) {
     let (a, r) = (h.bucket("a"), h.estimate("r1"));
     let p = slow(100);
 
@@ -350,7 +494,7 @@ async fn settlement_duplicate_changes_nothing(h: &Harness) {
     }
 }
 
-async fn settlement_estimates_add_up(h: &Harness) {
+async fn settlement_estimates_add_up(h: &Harness<'_>) {
     let (a, r) = (h.bucket("a"), h.estimate("r1"));
     let p = slow(100);
 
@@ -363,7 +507,7 @@ async fn settlement_estimates_add_up(h: &Harness) {
     assert_eq!(left(&out, 0, &p), 95);
 }
 
-async fn settlement_denied_check_remembers_nothing(h: &Harness) {
+async fn settlement_denied_check_remembers_nothing(h: &Harness<'_>) {
     let (a, b, r) = (h.bucket("a"), h.bucket("b"), h.estimate("r1"));
     let (pa, pb) = (slow(10), slow(1));
 
@@ -377,7 +521,28 @@ async fn settlement_denied_check_remembers_nothing(h: &Harness) {
     assert_eq!(left(&out, 0, &pa), 7, "the report is charged in full");
 }
 
-async fn shadow_ops_never_deny(h: &Harness) {
+async fn settlement_denied_across_slots_remembers_nothing(h: &Harness<'_>) {
+    let (a, b) = (h.bucket("a"), h.bucket_elsewhere("b"));
+    let (denied, allowed) = (h.estimate("r1"), h.estimate("r2"));
+    let (pa, pb) = (slow(10), slow(1));
+
+    // The estimate's slot fits, but the other slot denies the batch.
+    let out = h.apply(vec![estimated(&a, pa, 5, &denied), check(&b, pb, 2)]).await;
+    assert!(!out.allowed);
+    assert_eq!(left(&out, 0, &pa), 10);
+
+    let out = h.apply(vec![report(&a, pa, 3, Some(&denied))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::UnknownRequest]);
+    assert_eq!(left(&out, 0, &pa), 7, "the report is charged in full");
+
+    let out = h.apply(vec![estimated(&a, pa, 2, &allowed), check(&b, pb, 1)]).await;
+    assert!(out.allowed);
+    let out = h.apply(vec![report(&a, pa, 1, Some(&allowed))]).await;
+    assert_eq!(out.buckets[0].settlements, [Settlement::Settled { estimate: 2, actual: 1 }]);
+    assert_eq!(left(&out, 0, &pa), 6, "an allowed batch across slots remembers its estimate");
+}
+
+async fn shadow_ops_never_deny(h: &Harness<'_>) {
     let (a, b) = (h.bucket("a"), h.bucket("b"));
     let (pa, pb) = (slow(10), slow(3));
     let shadow = |cost| BucketOp { shadow: true, ..check(&b, pb, cost) };
@@ -402,7 +567,7 @@ async fn shadow_ops_never_deny(h: &Harness) {
     assert_eq!(left(&out, 1, &pb), 1);
 }
 
-async fn full_bucket_is_not_stored(h: &Harness) {
+async fn full_bucket_is_not_stored(h: &Harness<'_>) {
     let a = h.bucket("a");
     let p = slow(10);
 
@@ -417,7 +582,7 @@ async fn full_bucket_is_not_stored(h: &Harness) {
     assert_eq!(h.stored_buckets(), 0, "a bucket credited back to full is deleted");
 }
 
-async fn refill_follows_real_time(h: &Harness) {
+async fn refill_follows_real_time(h: &Harness<'_>) {
     let a = h.bucket("a");
     let p = BucketParams::new(10, 1000, 10).expect("exact params");
 
@@ -430,7 +595,7 @@ async fn refill_follows_real_time(h: &Harness) {
     assert!((2..=4).contains(&refilled), "300 ms refills 3 of 10 per second, give or take one: got {refilled}");
 }
 
-async fn rescale_keeps_used_amount(h: &Harness) {
+async fn rescale_keeps_used_amount(h: &Harness<'_>) {
     let a = h.bucket("a");
     let per_minute = |limit| BucketParams::new(limit, MINUTE_MS, limit).expect("exact params");
 
@@ -446,7 +611,7 @@ async fn rescale_keeps_used_amount(h: &Harness) {
     assert_eq!(left(&out, 0, &per_minute(5)), 0);
 }
 
-async fn trillion_per_minute_is_exact(h: &Harness) {
+async fn trillion_per_minute_is_exact(h: &Harness<'_>) {
     let (a, b) = (h.bucket("a"), h.bucket("b"));
     let trillion = 1_000_000_000_000;
     let p = BucketParams::new(trillion, MINUTE_MS, trillion).expect("10^12 per minute is exact");
@@ -459,7 +624,7 @@ async fn trillion_per_minute_is_exact(h: &Harness) {
     assert_eq!(out.buckets[0].state.level, p.max_level());
 }
 
-async fn concurrent_checks_admit_capacity(h: &Harness) {
+async fn concurrent_checks_admit_capacity(h: &Harness<'_>) {
     let a = h.bucket("a");
     let p = slow(30);
 
@@ -480,6 +645,35 @@ async fn concurrent_checks_admit_capacity(h: &Harness) {
 
     let out = h.apply(vec![check(&a, p, 0)]).await;
     assert_eq!(left(&out, 0, &p), 0);
+}
+
+async fn concurrent_checks_across_slots_charge_only_admitted(h: &Harness<'_>) {
+    let (small, large) = (h.bucket("small"), h.bucket_elsewhere("large"));
+    let (ps, pl) = (slow(30), slow(1000));
+
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = if i % 2 == 0 { h.store.clone() } else { h.second.clone() };
+        let ops = if i % 3 == 0 {
+            vec![check(&large, pl, 1), check(&small, ps, 1)]
+        } else {
+            vec![check(&small, ps, 1), check(&large, pl, 1)]
+        };
+        let batch = batch(ops);
+        tasks.push(tokio::spawn(async move { store.apply(&batch).await }));
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        let outcome = task.await.expect("task runs").expect("the store judges the batch");
+        if outcome.allowed {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 30, "200 concurrent checks on a bucket of 30 and one of 1000");
+
+    let out = h.apply(vec![check(&small, ps, 0), check(&large, pl, 0)]).await;
+    assert_eq!(left(&out, 0, &ps), 0);
+    assert_eq!(left(&out, 1, &pl), 970, "only the admitted checks stay charged on the large bucket");
 }
 
 // === Redis only ===
@@ -549,7 +743,7 @@ async fn redis_outage_is_transient_and_recovers() {
     let p = slow(10);
     h.apply(vec![check(&a, p, 1)]).await;
 
-    h.server.as_mut().expect("server").stop();
+    h.server_mut().stop();
     let started = Instant::now();
     let error = h.store.apply(&batch(vec![check(&a, p, 1)])).await.expect_err("Redis is down");
     assert!(error.is_transient(), "{error:?}");
@@ -557,7 +751,7 @@ async fn redis_outage_is_transient_and_recovers() {
     assert!(h.store.ping().await.is_err());
 
     // The restarted server is empty and has no script loaded.
-    h.server.as_mut().expect("server").restart();
+    h.server_mut().restart();
     let deadline = Instant::now() + Duration::from_secs(10);
     let out = loop {
         match h.store.apply(&batch(vec![check(&a, p, 1)])).await {
@@ -574,7 +768,7 @@ async fn redis_outage_is_transient_and_recovers() {
 
 #[tokio::test]
 async fn redis_hung_server_times_out() {
-    let h = Harness::redis().await;
+    let h = Harness::redis_with(&RedisOptions { store_timeout: Duration::from_millis(500), ..options() }).await;
     let a = h.bucket("a");
     let p = slow(10);
     h.apply(vec![check(&a, p, 1)]).await;

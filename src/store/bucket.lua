@@ -28,16 +28,38 @@
 -- A stored value that is not in these formats aborts the script before it
 -- writes anything.
 --
+-- Modes (ARGV[1]):
+--   0 judge    judge the batch, as above.
+--   1 reserve  judge the batch and, when its checks are allowed, record what
+--              it charged in a hold key, so a release can undo it. When the
+--              hold key already exists (a release got there first), do
+--              nothing and reply `now_ms, 2`.
+--   2 release  credit back what the hold key records, then replace it with a
+--              tombstone. When no hold is recorded yet, only write the
+--              tombstone, so a reserve that arrives later does nothing.
+--              Reply: `now_ms, 1` when a hold was released, else `now_ms, 0`.
+-- A check whose buckets span several Redis Cluster hash slots runs reserve
+-- in each slot and, unless every slot allowed it, release in each slot.
+-- Reports are not held: they apply in reserve mode and a release leaves them.
+--
+-- Hold key: "h:<units charged per operation>;<amount remembered per estimate
+-- key>", comma-separated in KEYS order, or the tombstone "x". Its TTL is the
+-- hold TTL (ARGV[5]).
+--
 -- KEYS (every key the script reads or writes, so Redis Cluster can route it;
--- the caller puts all keys of a batch in one hash slot):
+-- the caller puts all keys of one call in one hash slot):
+--   1        the hold key, in reserve and release modes only; the keys
+--            below then start at 2
 --   1 .. n   the bucket key of each operation, in operation order
 --   n+1 ..   estimate keys in the order the operations use them: for each
 --            operation, one key per report that has an estimate key, then
 --            one key per estimate. The same key may appear more than once.
 -- ARGV (decimal integers):
---   1 n, the number of operations
---   2 bucket TTL slack in ms
---   3 estimate TTL in ms (0 remembers nothing)
+--   1 mode (0 judge, 1 reserve, 2 release)
+--   2 n, the number of operations
+--   3 bucket TTL slack in ms
+--   4 estimate TTL in ms (0 remembers nothing)
+--   5 hold TTL in ms (ignored in judge mode)
 --   then for each operation, 9 fields:
 --     capacity, scale, refill_per_tick, tick_ms,
 --     check cost (-1 when the operation has no check), shadow (0 or 1),
@@ -45,7 +67,7 @@
 --   followed by R pairs (amount, keyed), where keyed 1 means the report
 --   takes the next estimate key, and by E estimate amounts, each taking the
 --   next estimate key.
--- Return: a flat array of integers
+-- Return (judge and reserve): a flat array of integers
 --   now_ms, allowed (0 or 1),
 --   then for each operation: level, stamp_ms, scale, fits (0 or 1),
 --   charged (0 or 1), forgiven units, and one settlement per report:
@@ -215,16 +237,72 @@ local function reset_ms(state, op, now)
   return wait
 end
 
+-- Reads a bucket: its state, and whether a key holds it.
+local function load_bucket(key, op, now)
+  local raw = redis.call('GET', key)
+  if not raw then
+    return { level = 0, stamp = now, scale = op.scale }, false
+  end
+  local level, stamp, scale = string.match(raw, '^(%d+):(%d+):(%d+)$')
+  level, stamp, scale = tonumber(level), tonumber(stamp), tonumber(scale)
+  if not (is_count(level) and is_count(stamp) and is_count(scale)) then
+    fail('unreadable bucket value at ' .. key)
+  end
+  return { level = level, stamp = stamp, scale = scale }, true
+end
+
+-- Writes a bucket: deletes it when full, else stores it with a TTL of the
+-- time until it is full again plus the slack.
+local function store_bucket(key, state, op, now, slack_ms, present)
+  if state.level == 0 then
+    if present then
+      redis.call('DEL', key)
+    end
+    return
+  end
+  local value = int(state.level) .. ':' .. int(state.stamp) .. ':' .. int(state.scale)
+  local wait = reset_ms(state, op, now)
+  if wait == nil then
+    -- NOTE: a bucket that never refills keeps its key without a TTL,
+    -- matching the memory store, which never expires it either.
+    redis.call('SET', key, value)
+  else
+    local ttl = wait + slack_ms
+    if ttl < 1 then
+      ttl = 1
+    end
+    redis.call('SET', key, value, 'PX', int(ttl))
+  end
+end
+
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
+local MODE_JUDGE = 0
+local MODE_RESERVE = 1
+local MODE_RELEASE = 2
+
 -- Decode the operations.
-local n = parse_count(ARGV[1], 'operation count')
-local slack_ms = parse_count(ARGV[2], 'TTL slack')
-local estimate_ttl_ms = parse_count(ARGV[3], 'estimate TTL')
+local mode = parse_count(ARGV[1], 'mode')
+if mode > MODE_RELEASE then
+  fail('unknown mode ' .. ARGV[1])
+end
+local n = parse_count(ARGV[2], 'operation count')
+local slack_ms = parse_count(ARGV[3], 'TTL slack')
+local estimate_ttl_ms = parse_count(ARGV[4], 'estimate TTL')
+local hold_ttl_ms = parse_count(ARGV[5], 'hold TTL')
+local hold_key = nil
+local base = 0
+if mode ~= MODE_JUDGE then
+  hold_key = KEYS[1]
+  base = 1
+  if hold_ttl_ms < 1 then
+    fail('a hold needs a positive hold TTL')
+  end
+end
 local ops = {}
-local arg = 4
-local key_index = n + 1
+local arg = 6
+local key_index = base + n + 1
 
 local function next_count(what)
   local x = parse_count(ARGV[arg], what)
@@ -243,17 +321,21 @@ end
 
 for i = 1, n do
   local op = {}
+  op.key = KEYS[base + i]
+  if op.key == nil then
+    fail('missing bucket key ' .. (base + i))
+  end
   op.capacity = next_count('capacity')
   op.scale = next_count('scale')
   op.refill = next_count('refill_per_tick')
   op.tick = next_count('tick_ms')
   if op.scale == 0 or op.tick == 0 then
-    fail('scale and tick_ms must be positive for KEYS[' .. i .. ']')
+    fail('scale and tick_ms must be positive for ' .. op.key)
   end
   op.capacity_sub = op.capacity * op.scale
   op.max_level = 2 * op.capacity_sub
   if op.max_level + op.refill >= MAX_EXACT then
-    fail('parameters of KEYS[' .. i .. '] exceed 2^53')
+    fail('parameters of ' .. op.key .. ' exceed 2^53')
   end
 
   local check = tonumber(ARGV[arg])
@@ -263,7 +345,7 @@ for i = 1, n do
   elseif is_count(check) then
     op.check = check
   else
-    fail('invalid check cost for KEYS[' .. i .. ']')
+    fail('invalid check cost for ' .. op.key)
   end
   op.shadow = next_count('shadow flag') == 1
   op.credit = next_count('credit')
@@ -290,29 +372,97 @@ if ARGV[arg] ~= nil or KEYS[key_index] ~= nil then
   fail('more arguments or keys than the operations use')
 end
 
+-- Reads a hold key: nil when absent, false for a tombstone, else the units
+-- charged per operation and the amounts remembered per estimate key.
+local function read_hold()
+  local raw = redis.call('GET', hold_key)
+  if not raw then
+    return nil
+  end
+  if raw == 'x' then
+    return false
+  end
+  local charged_text, remembered_text = string.match(raw, '^h:([%d,]*);([%d,]*)$')
+  if charged_text == nil then
+    fail('unreadable hold value at ' .. hold_key)
+  end
+  local hold = { charged = {}, remembered = {} }
+  for part in string.gmatch(charged_text, '%d+') do
+    hold.charged[#hold.charged + 1] = parse_count(part, 'held units')
+  end
+  for part in string.gmatch(remembered_text, '%d+') do
+    hold.remembered[#hold.remembered + 1] = parse_count(part, 'held estimate')
+  end
+  if #hold.charged ~= n then
+    fail('hold at ' .. hold_key .. ' does not match the operations')
+  end
+  return hold
+end
+
+if mode == MODE_RELEASE then
+  local hold = read_hold()
+  local released = 0
+  if hold then
+    -- Credit each bucket in turn, so a key named twice gets both credits.
+    for i = 1, n do
+      local units = hold.charged[i]
+      if units > 0 then
+        local op = ops[i]
+        local state, present = load_bucket(op.key, op, now)
+        refill(state, op, now)
+        credit(state, op, units)
+        store_bucket(op.key, state, op, now, slack_ms, present)
+      end
+    end
+    -- Take back the estimates the reserve remembered. A settled record
+    -- stays settled: its report has already been charged in full.
+    local position = 0
+    for i = 1, n do
+      for _, estimate in ipairs(ops[i].estimates) do
+        position = position + 1
+        local amount = hold.remembered[position] or 0
+        if amount > 0 then
+          local raw = redis.call('GET', estimate.key)
+          local open = raw and tonumber(string.match(raw, '^o:(%d+)$'))
+          if open ~= nil then
+            if open <= amount then
+              redis.call('DEL', estimate.key)
+            else
+              redis.call('SET', estimate.key, 'o:' .. int(open - amount), 'KEEPTTL')
+            end
+          end
+        end
+      end
+    end
+    released = 1
+  end
+  if hold ~= false then
+    redis.call('SET', hold_key, 'x', 'PX', int(hold_ttl_ms))
+  end
+  return { now, released }
+end
+
+if mode == MODE_RESERVE and redis.call('EXISTS', hold_key) == 1 then
+  -- A release for this call arrived first: the caller has given up on it.
+  return { now, 2 }
+end
+
 -- Read every bucket and estimate before writing anything, so an unreadable
 -- value aborts the batch without a partial write.
 local states = {}
 local present = {}
 for i = 1, n do
-  local raw = redis.call('GET', KEYS[i])
-  if raw then
-    local level, stamp, scale = string.match(raw, '^(%d+):(%d+):(%d+)$')
-    level, stamp, scale = tonumber(level), tonumber(stamp), tonumber(scale)
-    if not (is_count(level) and is_count(stamp) and is_count(scale)) then
-      fail('unreadable bucket value at ' .. KEYS[i])
-    end
-    states[i] = { level = level, stamp = stamp, scale = scale }
-    present[KEYS[i]] = true
-  else
-    states[i] = { level = 0, stamp = now, scale = ops[i].scale }
+  local state, found = load_bucket(ops[i].key, ops[i], now)
+  states[i] = state
+  if found then
+    present[ops[i].key] = true
   end
 end
 
 -- Estimate records: false when absent, SETTLED, or an open amount.
 local records = {}
 local changed = {}
-for i = n + 1, #KEYS do
+for i = base + n + 1, #KEYS do
   local key = KEYS[i]
   if records[key] == nil then
     local raw = redis.call('GET', key)
@@ -394,53 +544,48 @@ for i = 1, n do
   end
 end
 
--- judge: charge all fitting checks, and remember their estimates.
-if allowed then
-  for i = 1, n do
-    local op = ops[i]
-    if op.check ~= nil and results[i].fits then
-      states[i].level = states[i].level + op.check * op.scale
-      results[i].charged = true
-      for _, estimate in ipairs(op.estimates) do
-        if estimate.amount > 0 then
-          local record = records[estimate.key]
-          if record == false then
-            put_record(estimate.key, estimate.amount)
-          elseif record ~= SETTLED then
-            put_record(estimate.key, record + estimate.amount)
-          end
-        end
+-- judge: charge all fitting checks, and remember their estimates. The hold
+-- lists what was charged and remembered, for a release.
+local held_units = {}
+local held_estimates = {}
+local holds_anything = false
+for i = 1, n do
+  local op = ops[i]
+  local units = 0
+  if allowed and op.check ~= nil and results[i].fits then
+    states[i].level = states[i].level + op.check * op.scale
+    results[i].charged = true
+    units = op.check
+  end
+  held_units[i] = int(units)
+  for _, estimate in ipairs(op.estimates) do
+    local added = 0
+    if results[i].charged and estimate.amount > 0 then
+      local record = records[estimate.key]
+      if record == false then
+        put_record(estimate.key, estimate.amount)
+        added = estimate.amount
+      elseif record ~= SETTLED then
+        put_record(estimate.key, record + estimate.amount)
+        added = estimate.amount
       end
     end
+    held_estimates[#held_estimates + 1] = int(added)
+    if added > 0 then
+      holds_anything = true
+    end
+  end
+  if units > 0 then
+    holds_anything = true
   end
 end
 
 -- Write buckets in operation order, so a key named twice keeps the last
 -- state, as in the memory store.
 for i = 1, n do
-  local key = KEYS[i]
-  local state = states[i]
-  if state.level == 0 then
-    if present[key] then
-      redis.call('DEL', key)
-      present[key] = false
-    end
-  else
-    local value = int(state.level) .. ':' .. int(state.stamp) .. ':' .. int(state.scale)
-    local wait = reset_ms(state, ops[i], now)
-    if wait == nil then
-      -- NOTE: a bucket that never refills keeps its key without a TTL,
-      -- matching the memory store, which never expires it either.
-      redis.call('SET', key, value)
-    else
-      local ttl = wait + slack_ms
-      if ttl < 1 then
-        ttl = 1
-      end
-      redis.call('SET', key, value, 'PX', int(ttl))
-    end
-    present[key] = true
-  end
+  local key = ops[i].key
+  store_bucket(key, states[i], ops[i], now, slack_ms, present[key])
+  present[key] = states[i].level ~= 0
 end
 
 for key in pairs(changed) do
@@ -452,6 +597,11 @@ for key in pairs(changed) do
   else
     redis.call('SET', key, 'o:' .. int(record), 'PX', int(estimate_ttl_ms))
   end
+end
+
+if mode == MODE_RESERVE and holds_anything then
+  local value = 'h:' .. table.concat(held_units, ',') .. ';' .. table.concat(held_estimates, ',')
+  redis.call('SET', hold_key, value, 'PX', int(hold_ttl_ms))
 end
 
 local reply = { now, allowed and 1 or 0 }

@@ -3,11 +3,18 @@
 //! Every store judges a whole batch atomically with
 //! [`judge`](crate::limiter::judge::judge) semantics: one check is one store
 //! round trip whatever the number of descriptors, and concurrent batches on
-//! the same bucket never admit more than it holds.
+//! the same bucket never admit more than it holds. The Redis store's module
+//! documentation states what changes in Redis Cluster when one batch spans
+//! several hash slots.
+//!
+//! Every store call has a deadline. A store that cannot judge a batch by
+//! then returns a transient [`StoreError`], and the caller answers with the
+//! configured failure mode. [`StoreFaults`] counts these faults.
 
 pub mod memory;
 pub mod redis;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::limiter::judge::{BatchOutcome, BucketOp};
@@ -32,6 +39,14 @@ pub enum StoreError {
     /// succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store did not judge the batch within the call's deadline. It may
+    /// still apply the batch later.
+    #[error("store call timed out after {0:?}")]
+    TimedOut(Duration),
+    /// The maximum number of store calls were already in flight, so this
+    /// call was not sent.
+    #[error("store busy: {0} calls already in flight")]
+    Busy(usize),
     /// The store answered something this service cannot read: a bug or a
     /// foreign key layout, never fixed by a retry.
     #[error("store protocol error: {0}")]
@@ -41,9 +56,51 @@ pub enum StoreError {
 impl StoreError {
     /// Whether a retry may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::TimedOut(_) | Self::Busy(_))
     }
 }
+
+/// Counts of store faults, shared by every clone of a store.
+#[derive(Debug, Default)]
+pub struct StoreFaults {
+    /// Calls that passed their deadline.
+    pub timeouts: AtomicU64,
+    /// Calls rejected because the in-flight bound was reached.
+    pub busy: AtomicU64,
+    /// Calls that failed because the store was unreachable or refused them.
+    pub unavailable: AtomicU64,
+    /// Holds of a batch spanning several hash slots that were released
+    /// because the batch was denied or failed.
+    pub holds_released: AtomicU64,
+    /// Holds whose release failed; their units return through refill.
+    pub release_failures: AtomicU64,
+}
+
+impl StoreFaults {
+    pub const fn new() -> Self {
+        Self {
+            timeouts: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            unavailable: AtomicU64::new(0),
+            holds_released: AtomicU64::new(0),
+            release_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a failed call under its kind.
+    pub fn record(&self, error: &StoreError) {
+        let counter = match error {
+            StoreError::TimedOut(_) => &self.timeouts,
+            StoreError::Busy(_) => &self.busy,
+            StoreError::Unavailable(_) => &self.unavailable,
+            StoreError::Protocol(_) => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The faults of a store that never fails.
+static NO_FAULTS: StoreFaults = StoreFaults::new();
 
 /// The configured store.
 #[derive(Clone)]
@@ -53,11 +110,26 @@ pub enum Store {
 }
 
 impl Store {
-    /// Judges `batch` atomically.
+    /// Judges `batch` atomically, within the store's own time limit.
     pub async fn apply(&self, batch: &Batch) -> Result<BatchOutcome, StoreError> {
+        self.apply_within(batch, None).await
+    }
+
+    /// Judges `batch` atomically, failing with a transient error once
+    /// `budget` has passed. The store caps `budget` at its configured time
+    /// limit, which also applies when `budget` is `None`.
+    pub async fn apply_within(&self, batch: &Batch, budget: Option<Duration>) -> Result<BatchOutcome, StoreError> {
         match self {
             Self::Memory(store) => Ok(store.apply(batch)),
-            Self::Redis(store) => store.apply(batch).await,
+            Self::Redis(store) => store.apply_within(batch, budget).await,
+        }
+    }
+
+    /// Counts of this store's faults.
+    pub fn faults(&self) -> &StoreFaults {
+        match self {
+            Self::Memory(_) => &NO_FAULTS,
+            Self::Redis(store) => store.faults(),
         }
     }
 

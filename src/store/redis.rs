@@ -1,93 +1,164 @@
 //! The Redis store: bucket levels and remembered estimates live in Redis and
 //! every batch is judged there by one Lua script, so any number of replicas
-//! share the buckets.
+//! share the buckets. It runs against a single Redis, a Sentinel-managed
+//! primary, or a Redis Cluster, through `fred`.
 //!
 //! Accuracy guarantees:
 //! - **Atomic.** The script reads, refills, judges and writes a whole batch
 //!   as one Redis command, so concurrent batches on the same bucket, from
 //!   any replica, never admit more than the bucket holds.
 //! - **One clock.** Refill is computed from Redis's `TIME`, never from the
-//!   caller's clock, so clock skew between replicas creates no tokens.
-//!   `BatchOutcome::now_ms` is that Redis time.
+//!   caller's clock, so clock skew between replicas creates no tokens. In a
+//!   cluster each bucket is refilled by the clock of the primary that holds
+//!   it. `BatchOutcome::now_ms` is that Redis time.
 //! - **Exact.** The script repeats the integer arithmetic of
 //!   [`judge`](crate::limiter::judge::judge) on Lua doubles and returns the
 //!   same integers as long as every value stays below 2^53. Parameters from
-//!   [`BucketParams::new`] guarantee that, and [`RedisStore::apply`] rejects
-//!   parameters that break it. Amounts (costs, credits, reports, estimates)
-//!   are exact below 2^53; larger amounts still give the same decisions,
-//!   but forgiven counts and summed estimates above 2^53 are rounded.
+//!   [`BucketParams::new`](crate::limiter::bucket::BucketParams::new)
+//!   guarantee that, and [`RedisStore::apply`] rejects parameters that break
+//!   it. Amounts (costs, credits, reports, estimates) are exact below 2^53;
+//!   larger amounts still give the same decisions, but forgiven counts and
+//!   summed estimates above 2^53 are rounded.
 //! - **Bounded TTLs.** A bucket key expires when the bucket would be full
 //!   again plus the batch's `ttl_slack`, and a full bucket is deleted.
 //!   Estimate keys expire `estimate_ttl` after their last write. A bucket
-//!   whose limit never refills has no TTL, as in the memory store.
+//!   whose limit never refills has no TTL, as in the memory store. Every
+//!   write sets its TTL in the same script step, so a connection lost
+//!   mid-call never leaves a key without one.
+//!
+//! # Redis Cluster
+//!
+//! A script may only touch keys of one hash slot. Key names put every
+//! bucket of one descriptor's first entry (the API key, in the Fikra
+//! configuration) under one hash tag. So a Fikra check is always one slot
+//! and one atomic script, and different API keys spread over every primary.
+//! A batch whose buckets fall in several slots (a generic configuration
+//! whose descriptors in one call start with different entries) is split by
+//! slot and judged with a hold protocol (see `slots.rs`):
+//!
+//! 1. *Reserve*, in every slot at once: judge that slot's buckets; when its
+//!    checks fit, charge them and record the charge under a hold key in the
+//!    same slot.
+//! 2. When every slot fits, the call is allowed and the charges stand.
+//!    Otherwise the call is denied (or fails, when a slot did not answer),
+//!    and a *release* in every slot that may hold a charge credits it back
+//!    and leaves a tombstone, so a reserve that reaches Redis after its
+//!    release changes nothing.
+//!
+//! Guarantees across slots: a call is never admitted unless every bucket
+//! paid, no bucket ever admits more than it holds, and a denied call's
+//! charges are returned, before the denial is answered when the deadline
+//! leaves time for the release. What differs from one slot: until its
+//! release, a denied call holds units that concurrent checks on those
+//! buckets cannot use, so they may be denied too (never admitted past the
+//! capacity). A release that fails is retried in the background for a few
+//! seconds; if it still fails, the held units stay charged and return by
+//! refill, and [`StoreFaults::release_failures`] counts it. A call that
+//! fails (a slot did not reply in time) is answered with the failure mode
+//! at once and released in the background. Reports in such a call apply
+//! whatever the outcome, as in one slot.
+//!
+//! # Deadlines, faults and recovery
+//!
+//! - Every call has a deadline: the caller's budget capped at
+//!   [`RedisOptions::store_timeout`]. A call not judged by then fails with
+//!   [`StoreError::TimedOut`]. Redis may still run a script that was already
+//!   sent, so a timed-out check may have been charged.
+//! - At most [`RedisOptions::max_in_flight`] calls are in flight; more fail
+//!   at once with [`StoreError::Busy`]. Commands are never retried after a
+//!   connection loss (the script may have run), and fail at once while the
+//!   client reconnects, so no work queues while Redis is away. A connection
+//!   with a command unanswered for [`RedisOptions::unresponsive_after`] is
+//!   closed and reconnected, which drops what waited on it.
+//! - A `READONLY` or `CLUSTERDOWN` reply, a closed connection or a failover
+//!   makes the client reconnect with backoff, finding the new primary
+//!   through Sentinel or the cluster's slot map. A `NOSCRIPT` reply (a
+//!   restarted or newly promoted node) sends the script text once with
+//!   `EVAL`, which caches it on that node.
 
+mod checks;
+mod script;
+mod slots;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::bytes_utils::Str;
-use fred::prelude::{
-    Builder, ClientLike, Config, Error as RedisError, ErrorKind, Key, LuaInterface, Pool, ReconnectPolicy, Value,
-};
+use fred::interfaces::{ClientLike, EventInterface, LuaInterface};
+use fred::prelude::{Builder, Config, Error as RedisError, ErrorKind, Options, Pool, ReconnectPolicy, Value};
+use fred::types::config::UnresponsiveConfig;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
-use crate::limiter::bucket::{BucketParams, BucketState, MAX_EXACT};
-use crate::limiter::judge::{BatchOutcome, BucketResult, Settlement};
+use crate::limiter::judge::{BatchOutcome, BucketOp};
+use crate::telemetry::Throttle;
 
-use super::{Batch, StoreError};
+use super::{Batch, StoreError, StoreFaults};
+pub use script::BUCKET_SCRIPT;
+use script::{Invocation, Mode};
 
-/// The Lua script that judges one batch. Its header documents the full
-/// contract.
-///
-/// - KEYS: the bucket key of each operation in order, then the estimate
-///   keys in the order the operations use them (per operation: keyed
-///   reports, then estimates).
-/// - ARGV: operation count, bucket TTL slack in ms, estimate TTL in ms, then
-///   per operation `capacity, scale, refill_per_tick, tick_ms, check cost or
-///   -1, shadow, credit, report count, estimate count`, then its reports as
-///   `(amount, keyed)` pairs and its estimate amounts.
-/// - Reply: `now_ms, allowed`, then per operation `level, stamp_ms, scale,
-///   fits, charged, forgiven` and per report a settlement code (0 unmatched,
-///   1 unknown request, 3 duplicate, or 2 followed by the estimate).
-///
-/// The script runs with `EVALSHA` so each call sends only its hash. It takes
-/// the time from Redis's `TIME`. Bucket keys get a TTL of the time until
-/// full plus the slack, and estimate keys get the estimate TTL.
-pub const BUCKET_SCRIPT: &str = include_str!("bucket.lua");
+/// Extra time a store call waits past its deadline for `fred` to report
+/// the timeout itself, which stops a queued command from being sent.
+const DEADLINE_GRACE: Duration = Duration::from_millis(2);
 
-/// ARGV fields before the first operation.
-const HEADER_ARGS: usize = 3;
-/// Fixed ARGV fields per operation.
-const OP_ARGS: usize = 9;
+/// The kind of Redis deployment, read from the URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// One server (`redis://`, `rediss://`).
+    Standalone,
+    /// A primary found through Sentinel (`redis-sentinel://`).
+    Sentinel,
+    /// A Redis Cluster (`redis-cluster://`).
+    Cluster,
+}
 
-/// Settlement codes of the script's reply.
-const SETTLEMENT_UNMATCHED: u64 = 0;
-const SETTLEMENT_UNKNOWN: u64 = 1;
-const SETTLEMENT_SETTLED: u64 = 2;
-const SETTLEMENT_DUPLICATE: u64 = 3;
+impl Topology {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Standalone => "standalone",
+            Self::Sentinel => "sentinel",
+            Self::Cluster => "cluster",
+        }
+    }
+}
 
-/// Connection settings of a [`RedisStore`].
+/// Connection and fault settings of a [`RedisStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisOptions {
-    /// Time allowed for one TCP connection attempt, and for [`RedisStore::connect`]
-    /// to connect and load the script.
+    /// Time allowed for one TCP connection attempt (with TLS and `AUTH`),
+    /// and for [`RedisStore::connect`] to connect and load the script.
     pub connect_timeout: Duration,
-    /// Time allowed for one command, including any wait for a reconnection.
-    pub command_timeout: Duration,
-    /// Number of connections, which commands take in turn (round robin).
+    /// Upper bound of every store call. A caller's shorter deadline wins.
+    pub store_timeout: Duration,
+    /// Store calls allowed in flight at once; more fail at once.
+    pub max_in_flight: usize,
+    /// Number of clients, which calls take in turn (round robin). In a
+    /// cluster each client connects to every primary.
     pub pool_size: usize,
     /// First delay between reconnection attempts. It doubles after each
     /// failed attempt.
     pub reconnect_min_delay: Duration,
     /// Largest delay between reconnection attempts.
     pub reconnect_max_delay: Duration,
+    /// A connection whose oldest command has waited this long for a reply
+    /// is closed and reconnected.
+    pub unresponsive_after: Duration,
+    /// How long a hold of a call spanning several cluster slots, or its
+    /// tombstone, is kept.
+    pub hold_ttl: Duration,
 }
 
 impl Default for RedisOptions {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(2),
-            command_timeout: Duration::from_secs(1),
+            store_timeout: Duration::from_millis(250),
+            max_in_flight: 256,
             pool_size: 4,
             reconnect_min_delay: Duration::from_millis(50),
-            reconnect_max_delay: Duration::from_secs(2),
+            reconnect_max_delay: Duration::from_secs(1),
+            unresponsive_after: Duration::from_secs(2),
+            hold_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -95,14 +166,55 @@ impl Default for RedisOptions {
 /// A store in Redis. Clones share the connections.
 #[derive(Clone)]
 pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pool: Pool,
-    /// SHA-1 of [`BUCKET_SCRIPT`], as returned by `SCRIPT LOAD`.
+    topology: Topology,
+    /// SHA-1 of [`BUCKET_SCRIPT`].
     script_sha: Str,
+    options: RedisOptions,
+    /// Permits for store calls in flight.
+    in_flight: Arc<Semaphore>,
+    /// Permits for background releases of holds.
+    releases: Arc<Semaphore>,
+    faults: StoreFaults,
+    /// Servers named in the URL, for logs; never the URL, which may carry a
+    /// password.
+    servers: Vec<String>,
+    noscript_log: Throttle,
+    release_log: Throttle,
+    role_log: Throttle,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("script_sha", &self.script_sha).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("topology", &self.inner.topology)
+            .field("servers", &self.inner.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A call's deadline and the budget it was derived from.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    budget: Duration,
+}
+
+impl Deadline {
+    fn after(budget: Duration) -> Self {
+        Self { at: Instant::now() + budget, budget }
+    }
+
+    fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    fn timed_out(&self) -> StoreError {
+        StoreError::TimedOut(self.budget)
     }
 }
 
@@ -113,22 +225,44 @@ impl RedisStore {
         Self::connect_with(url, &RedisOptions::default()).await
     }
 
-    /// Connects to the Redis at `url` (for example `redis://127.0.0.1:6379`)
-    /// and loads the bucket script, failing after `options.connect_timeout`.
+    /// Connects to Redis and loads the bucket script on every primary,
+    /// failing after `options.connect_timeout`.
     ///
-    /// Errors never contain the URL, which may carry a password.
+    /// `url` takes `fred`'s forms: `redis://[[user]:password@]host:port[/db]`,
+    /// `rediss://` for TLS, `redis-cluster://host:port?node=host:port` and
+    /// `redis-sentinel://host:port?sentinelServiceName=NAME&node=host:port`
+    /// (the hosts are sentinels). Errors never contain the URL, which may
+    /// carry a password. Also reads `maxmemory-policy` and logs a warning
+    /// when it makes bucket writes fail.
     pub async fn connect_with(url: &str, options: &RedisOptions) -> Result<Self, StoreError> {
+        if url.starts_with("rediss") || url.starts_with("valkeys") {
+            install_tls_provider();
+        }
         let config = Config::from_url(url)
             .map_err(|error| StoreError::Unavailable(format!("invalid Redis URL: {}", error.details())))?;
+        let topology = if config.server.is_clustered() {
+            Topology::Cluster
+        } else if config.server.is_sentinel() {
+            Topology::Sentinel
+        } else {
+            Topology::Standalone
+        };
         let servers: Vec<String> = config.server.hosts().iter().map(ToString::to_string).collect();
 
         let pool = Builder::from_config(config)
             .with_connection_config(|connection| {
                 connection.connection_timeout = options.connect_timeout;
                 connection.internal_command_timeout = options.connect_timeout;
+                connection.max_command_attempts = 1;
+                connection.max_command_buffer_len = options.max_in_flight.max(1) * 4;
+                connection.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(options.unresponsive_after),
+                    interval: (options.unresponsive_after / 4).max(Duration::from_millis(10)),
+                };
+                connection.tcp.nodelay = Some(true);
             })
             .with_performance_config(|performance| {
-                performance.default_command_timeout = options.command_timeout;
+                performance.default_command_timeout = options.store_timeout;
             })
             .set_policy(ReconnectPolicy::new_exponential(
                 0,
@@ -152,56 +286,208 @@ impl RedisStore {
             Err(_) => {
                 shut_down(&pool, options.connect_timeout);
                 return Err(StoreError::Unavailable(format!(
-                    "timed out after {:?} connecting to Redis at {}",
+                    "timed out after {:?} connecting to Redis ({}) at {}",
                     options.connect_timeout,
+                    topology.name(),
                     servers.join(", ")
                 )));
             }
         };
+        watch_connections(&pool);
 
-        tracing::info!(servers = ?servers, pool_size = pool.size(), "connected to Redis");
-        Ok(Self { pool, script_sha })
-    }
-
-    /// Judges `batch` atomically in Redis at Redis's clock.
-    ///
-    /// Returns [`StoreError::Unavailable`] when Redis cannot be reached or
-    /// does not reply within the command timeout, and
-    /// [`StoreError::Protocol`] for parameters the script cannot count
-    /// exactly, a stored value it cannot read, or a reply this code cannot
-    /// read.
-    pub async fn apply(&self, batch: &Batch) -> Result<BatchOutcome, StoreError> {
-        for op in &batch.ops {
-            check_exact(&op.params, &op.key)?;
-        }
-
-        let (keys, args) = encode(batch);
-        let reply = match self.pool.evalsha::<Value, _, _, _>(self.script_sha.clone(), keys, args).await {
-            Err(error) if is_noscript(&error) => {
-                // Redis restarted, failed over or flushed its script cache.
-                tracing::warn!("Redis replied NOSCRIPT, loading the bucket script again");
-                load_script(&self.pool).await?;
-                let (keys, args) = encode(batch);
-                self.pool.evalsha::<Value, _, _, _>(self.script_sha.clone(), keys, args).await
-            }
-            reply => reply,
+        let max_in_flight = options.max_in_flight.max(1);
+        let store = Self {
+            inner: Arc::new(Inner {
+                pool,
+                topology,
+                script_sha,
+                options: options.clone(),
+                in_flight: Arc::new(Semaphore::new(max_in_flight)),
+                releases: Arc::new(Semaphore::new(max_in_flight)),
+                faults: StoreFaults::new(),
+                servers,
+                noscript_log: Throttle::new(),
+                release_log: Throttle::new(),
+                role_log: Throttle::new(),
+            }),
         };
-        let reply = reply.map_err(|error| store_error(&error))?;
-        decode(batch, reply)
+        checks::warn_about_settings(&store).await;
+        tracing::info!(
+            redis.topology = topology.name(),
+            redis.servers = ?store.inner.servers,
+            redis.pool_size = store.inner.pool.size(),
+            "Connected to Redis"
+        );
+        Ok(store)
     }
 
-    /// Sends `PING` and checks that Redis replies.
+    /// Judges `batch` atomically in Redis at Redis's clock, within the
+    /// store's time limit.
+    pub async fn apply(&self, batch: &Batch) -> Result<BatchOutcome, StoreError> {
+        self.apply_within(batch, None).await
+    }
+
+    /// Judges `batch` in Redis at Redis's clock, failing once `budget`
+    /// (capped at [`RedisOptions::store_timeout`]) has passed.
+    ///
+    /// Returns [`StoreError::TimedOut`], [`StoreError::Busy`] or
+    /// [`StoreError::Unavailable`] when Redis cannot judge the batch in
+    /// time, and [`StoreError::Protocol`] for parameters the script cannot
+    /// count exactly, a stored value it cannot read, or a reply this code
+    /// cannot read.
+    pub async fn apply_within(&self, batch: &Batch, budget: Option<Duration>) -> Result<BatchOutcome, StoreError> {
+        for op in &batch.ops {
+            script::check_exact(&op.params, &op.key)?;
+        }
+        let cap = self.inner.options.store_timeout;
+        let deadline = Deadline::after(budget.map_or(cap, |budget| budget.min(cap)));
+
+        let Ok(permit) = self.inner.in_flight.clone().try_acquire_owned() else {
+            let error = StoreError::Busy(self.inner.options.max_in_flight);
+            self.inner.faults.record(&error);
+            return Err(error);
+        };
+
+        let groups = match self.inner.topology {
+            Topology::Cluster => slots::group_by_slot(&batch.ops)?,
+            Topology::Standalone | Topology::Sentinel => vec![(0..batch.ops.len()).collect()],
+        };
+        let result = if groups.len() > 1 {
+            slots::apply_across_slots(self, batch, groups, deadline, permit).await
+        } else {
+            let result = self.judge_in_one_slot(batch, deadline).await;
+            drop(permit);
+            result
+        };
+
+        if let Err(error) = &result {
+            self.inner.faults.record(error);
+        }
+        result
+    }
+
+    /// Checks that Redis can judge batches: every primary the client routes
+    /// to replies to `ROLE` as a primary. A replica where a primary was
+    /// expected (a demoted primary) makes the client reconnect, so it finds
+    /// the new primary.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.pool.ping::<()>(None).await.map_err(|error| store_error(&error))
+        checks::check_primaries(self).await
+    }
+
+    /// Counts of this store's faults.
+    pub fn faults(&self) -> &StoreFaults {
+        &self.inner.faults
+    }
+
+    /// Store calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.options.max_in_flight.max(1) - self.inner.in_flight.available_permits()
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.inner.topology
+    }
+
+    async fn judge_in_one_slot(&self, batch: &Batch, deadline: Deadline) -> Result<BatchOutcome, StoreError> {
+        let call = Invocation {
+            mode: Mode::Judge,
+            hold: None,
+            ops: batch.ops.iter().collect(),
+            ttl_slack: batch.ttl_slack,
+            estimate_ttl: batch.estimate_ttl,
+        };
+        let reply = self.run(&call, deadline).await?;
+        script::decode(&call.ops, reply)
+    }
+
+    /// Runs the bucket script for `call` by its SHA-1, sending the script
+    /// text instead when the node replies `NOSCRIPT`. The command is sent at
+    /// most once and fails when `deadline` passes.
+    async fn run(&self, call: &Invocation<'_>, deadline: Deadline) -> Result<Value, StoreError> {
+        match self.send(call, ScriptRef::Sha, deadline).await {
+            Err(error) if is_noscript(&error) => {
+                if let Some(suppressed) = self.inner.noscript_log.allow() {
+                    tracing::warn!(
+                        redis.key = first_key(&call.ops),
+                        suppressed,
+                        "Redis replied NOSCRIPT (restarted or promoted node); sending the bucket script text"
+                    );
+                }
+                self.send(call, ScriptRef::Text, deadline).await.map_err(|error| classify(&error, deadline))
+            }
+            reply => reply.map_err(|error| classify(&error, deadline)),
+        }
+    }
+
+    /// Sends `call` once on the next client, with the time left before
+    /// `deadline`, no retry, and a quick failure while the client is
+    /// disconnected.
+    async fn send(&self, call: &Invocation<'_>, sent_as: ScriptRef, deadline: Deadline) -> Result<Value, RedisError> {
+        let remaining = deadline.remaining();
+        if remaining.is_zero() {
+            return Err(RedisError::new(ErrorKind::Timeout, "the deadline passed before the command was sent"));
+        }
+        let options = Options { timeout: Some(remaining), max_attempts: Some(1), fail_fast: true, ..Options::default() };
+        let client = self.inner.pool.next().with_options(&options);
+        let (keys, args) = script::encode(call);
+        let reply = async {
+            match sent_as {
+                ScriptRef::Sha => client.evalsha::<Value, _, _, _>(self.inner.script_sha.clone(), keys, args).await,
+                ScriptRef::Text => client.eval::<Value, _, _, _>(BUCKET_SCRIPT, keys, args).await,
+            }
+        };
+        match tokio::time::timeout(remaining + DEADLINE_GRACE, reply).await {
+            Ok(reply) => reply,
+            Err(_) => Err(RedisError::new(ErrorKind::Timeout, "the command passed its deadline")),
+        }
     }
 }
 
-/// Loads [`BUCKET_SCRIPT`] and returns its SHA-1.
-///
-/// TODO: in Redis Cluster this loads the script on one node only. Other
-/// nodes reply NOSCRIPT, and the reload may reach the wrong node again.
+/// How a script call names the script.
+#[derive(Debug, Clone, Copy)]
+enum ScriptRef {
+    /// `EVALSHA` with the script's SHA-1.
+    Sha,
+    /// `EVAL` with the script text, which also caches it on the node.
+    Text,
+}
+
+/// Installs `ring` as the process's TLS provider unless one is installed, so
+/// `rediss://` works whichever TLS features other crates enable. `ring` is
+/// the provider tonic's `tls-ring` feature uses too.
+#[allow(deprecated, reason = "rustls 0.23.48 deprecates ring's provider only for lacking post-quantum key exchange")]
+fn install_tls_provider() {
+    // An error means a provider is already installed, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Loads [`BUCKET_SCRIPT`] on every primary (in a cluster) or on the one
+/// server, and returns its SHA-1.
 async fn load_script(pool: &Pool) -> Result<Str, StoreError> {
-    pool.script_load::<Str, _>(BUCKET_SCRIPT).await.map_err(|error| store_error(&error))
+    pool.next().script_load_cluster::<Str, _>(BUCKET_SCRIPT).await.map_err(|error| store_error(&error))
+}
+
+/// Logs reconnections and connection errors of every client, so an outage
+/// and its end show in the log with the server involved.
+fn watch_connections(pool: &Pool) {
+    let error_log = Arc::new(Throttle::new());
+    for client in pool.clients() {
+        client.on_reconnect(|server| async move {
+            tracing::info!(redis.server = %server, "Reconnected to Redis");
+            Ok(())
+        });
+        let error_log = error_log.clone();
+        client.on_error(move |(error, server)| {
+            let error_log = error_log.clone();
+            async move {
+                if let Some(suppressed) = error_log.allow() {
+                    let server = server.map(|server| server.to_string()).unwrap_or_default();
+                    tracing::warn!(redis.server = %server, error = %error, suppressed, "Redis connection error; reconnecting");
+                }
+                Ok(())
+            }
+        });
+    }
 }
 
 /// Closes a pool that failed to set up, so it stops reconnecting. The close
@@ -210,7 +496,7 @@ fn shut_down(pool: &Pool, limit: Duration) {
     let pool = pool.clone();
     tokio::spawn(async move {
         if tokio::time::timeout(limit, pool.quit()).await.is_err() {
-            tracing::warn!(timeout = ?limit, "timed out closing Redis connections after a failed connect");
+            tracing::warn!(timeout = ?limit, "Timed out closing Redis connections after a failed connect");
         }
     });
 }
@@ -219,166 +505,9 @@ fn millis_u32(duration: Duration) -> u32 {
     u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
-/// Rejects parameters whose sub-unit values could reach 2^53, where the
-/// script's doubles stop being exact. [`BucketParams::new`] never returns
-/// such parameters.
-fn check_exact(params: &BucketParams, key: &str) -> Result<(), StoreError> {
-    let exact = params.scale > 0
-        && params.tick_ms > 0
-        && params
-            .capacity
-            .checked_mul(params.scale)
-            .and_then(|capacity_sub| capacity_sub.checked_mul(2))
-            .and_then(|max_level| max_level.checked_add(params.refill_per_tick))
-            .is_some_and(|largest| largest < MAX_EXACT);
-    if exact {
-        Ok(())
-    } else {
-        Err(StoreError::Protocol(format!(
-            "bucket {key} has parameters the Redis script cannot count exactly ({params}); \
-             build them with BucketParams::new"
-        )))
-    }
-}
-
-/// Builds the script's KEYS and ARGV for `batch` (layout on [`BUCKET_SCRIPT`]).
-fn encode(batch: &Batch) -> (Vec<Key>, Vec<Value>) {
-    let mut key_count = batch.ops.len();
-    let mut arg_count = HEADER_ARGS + OP_ARGS * batch.ops.len();
-    for op in &batch.ops {
-        key_count += op.reports.iter().filter(|report| report.estimate_key.is_some()).count();
-        key_count += op.estimates.len();
-        arg_count += 2 * op.reports.len() + op.estimates.len();
-    }
-
-    let mut keys: Vec<Key> = Vec::with_capacity(key_count);
-    let mut args: Vec<Value> = Vec::with_capacity(arg_count);
-    args.push(integer(batch.ops.len() as u64));
-    args.push(integer(duration_ms(batch.ttl_slack)));
-    args.push(integer(duration_ms(batch.estimate_ttl)));
-
-    for op in &batch.ops {
-        keys.push(Key::from(op.key.as_str()));
-    }
-    for op in &batch.ops {
-        let params = &op.params;
-        args.push(integer(params.capacity));
-        args.push(integer(params.scale));
-        args.push(integer(params.refill_per_tick));
-        args.push(integer(params.tick_ms));
-        args.push(match op.check {
-            Some(cost) => integer(cost),
-            None => Value::Integer(-1),
-        });
-        args.push(Value::Integer(i64::from(op.shadow)));
-        args.push(integer(op.credit));
-        args.push(integer(op.reports.len() as u64));
-        args.push(integer(op.estimates.len() as u64));
-
-        for report in &op.reports {
-            args.push(integer(report.amount));
-            match &report.estimate_key {
-                Some(key) => {
-                    args.push(Value::Integer(1));
-                    keys.push(Key::from(key.as_str()));
-                }
-                None => args.push(Value::Integer(0)),
-            }
-        }
-        for estimate in &op.estimates {
-            args.push(integer(estimate.amount));
-            keys.push(Key::from(estimate.key.as_str()));
-        }
-    }
-    (keys, args)
-}
-
-/// Encodes a count as an integer argument. Counts above `i64::MAX` are sent
-/// as `i64::MAX`: the script rounds every count at or above 2^53 anyway.
-fn integer(value: u64) -> Value {
-    Value::Integer(i64::try_from(value).unwrap_or(i64::MAX))
-}
-
-fn duration_ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Reads the script's reply into the outcome [`judge`](crate::limiter::judge::judge) returns.
-fn decode(batch: &Batch, reply: Value) -> Result<BatchOutcome, StoreError> {
-    let Value::Array(values) = reply else {
-        return Err(StoreError::Protocol(format!("the bucket script returned a {} instead of an array", reply.kind())));
-    };
-    let mut reader = ReplyReader { values: values.iter(), position: 0 };
-
-    let now_ms = reader.next()?;
-    let allowed = reader.next_flag()?;
-    let mut buckets = Vec::with_capacity(batch.ops.len());
-    for op in &batch.ops {
-        let state = BucketState { level: reader.next()?, stamp_ms: reader.next()?, scale: reader.next()? };
-        let fits = reader.next_flag()?;
-        let charged = reader.next_flag()?;
-        let forgiven = reader.next()?;
-
-        let mut settlements = Vec::with_capacity(op.reports.len());
-        for report in &op.reports {
-            let settlement = match reader.next()? {
-                SETTLEMENT_UNMATCHED => Settlement::Unmatched,
-                SETTLEMENT_UNKNOWN => Settlement::UnknownRequest,
-                SETTLEMENT_SETTLED => Settlement::Settled { estimate: reader.next()?, actual: report.amount },
-                SETTLEMENT_DUPLICATE => Settlement::Duplicate,
-                code => {
-                    return Err(StoreError::Protocol(format!(
-                        "the bucket script returned an unknown settlement code {code}"
-                    )));
-                }
-            };
-            settlements.push(settlement);
-        }
-        buckets.push(BucketResult { state, fits, charged, forgiven, settlements });
-    }
-
-    let expected = reader.position;
-    if reader.values.next().is_some() {
-        return Err(StoreError::Protocol(format!(
-            "the bucket script returned more than the {expected} values {} operations need",
-            batch.ops.len()
-        )));
-    }
-    Ok(BatchOutcome { now_ms, allowed, buckets })
-}
-
-/// Walks the script's flat reply of non-negative integers.
-struct ReplyReader<'a> {
-    values: std::slice::Iter<'a, Value>,
-    position: usize,
-}
-
-impl ReplyReader<'_> {
-    fn next(&mut self) -> Result<u64, StoreError> {
-        let position = self.position;
-        self.position += 1;
-        match self.values.next() {
-            Some(Value::Integer(value)) => u64::try_from(*value).map_err(|_| {
-                StoreError::Protocol(format!("the bucket script returned a negative value {value} at {position}"))
-            }),
-            Some(other) => Err(StoreError::Protocol(format!(
-                "the bucket script returned a {} instead of an integer at {position}",
-                other.kind()
-            ))),
-            None => Err(StoreError::Protocol(format!("the bucket script's reply ends early, at {position}"))),
-        }
-    }
-
-    fn next_flag(&mut self) -> Result<bool, StoreError> {
-        match self.next()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            value => Err(StoreError::Protocol(format!(
-                "the bucket script returned {value} where 0 or 1 was expected, at {}",
-                self.position - 1
-            ))),
-        }
-    }
+/// The first bucket key of `ops`, for logs. Keys hold hashes, never values.
+fn first_key<'a>(ops: &[&'a BucketOp]) -> &'a str {
+    ops.first().map_or("", |op| op.key.as_str())
 }
 
 fn is_noscript(error: &RedisError) -> bool {
@@ -389,6 +518,15 @@ fn is_noscript(error: &RedisError) -> bool {
 /// replica after a failover, or a cluster node in transition.
 const TRANSIENT_REPLIES: [&str; 9] =
     ["LOADING", "BUSY", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "MISCONF", "NOSCRIPT"];
+
+/// Maps a `fred` error of a call with `deadline` to a store error.
+fn classify(error: &RedisError, deadline: Deadline) -> StoreError {
+    if *error.kind() == ErrorKind::Timeout {
+        deadline.timed_out()
+    } else {
+        store_error(error)
+    }
+}
 
 /// Maps a `fred` error to a store error. Failures to reach Redis or to get
 /// a reply in time are transient, and anything else is a protocol error.
@@ -401,7 +539,8 @@ fn store_error(error: &RedisError) -> StoreError {
         | ErrorKind::Cluster
         | ErrorKind::Routing
         | ErrorKind::Sentinel
-        | ErrorKind::Auth => true,
+        | ErrorKind::Auth
+        | ErrorKind::Tls => true,
         _ => TRANSIENT_REPLIES.iter().any(|prefix| error.details().starts_with(prefix)),
     };
     if transient {
@@ -414,110 +553,19 @@ fn store_error(error: &RedisError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::judge::{BucketOp, Estimate, Report};
 
-    fn batch(ops: Vec<BucketOp>) -> Batch {
-        Batch { ops, ttl_slack: Duration::from_secs(5), estimate_ttl: Duration::from_secs(600) }
-    }
-
-    fn op(key: &str) -> BucketOp {
-        BucketOp {
-            key: key.to_owned(),
-            params: BucketParams::new(10, 1000, 10).expect("exact"),
-            check: None,
-            shadow: false,
-            credit: 0,
-            reports: Vec::new(),
-            estimates: Vec::new(),
-        }
-    }
-
-    fn integers(values: &[i64]) -> Value {
-        Value::Array(values.iter().map(|value| Value::Integer(*value)).collect())
+    #[test]
+    fn transient_replies_are_unavailable() {
+        let readonly = RedisError::new(ErrorKind::Unknown, "READONLY You can't write against a read only replica.");
+        assert!(matches!(store_error(&readonly), StoreError::Unavailable(_)));
+        let crossslot = RedisError::new(ErrorKind::Unknown, "CROSSSLOT Keys in request don't hash to the same slot");
+        assert!(matches!(store_error(&crossslot), StoreError::Protocol(_)));
     }
 
     #[test]
-    fn encode_orders_estimate_keys_after_buckets() {
-        let first = BucketOp {
-            check: Some(2),
-            reports: vec![
-                Report { amount: 3, estimate_key: Some("e1".into()) },
-                Report { amount: 4, estimate_key: None },
-            ],
-            estimates: vec![Estimate { key: "e2".into(), amount: 5 }],
-            ..op("b1")
-        };
-        let second = BucketOp { shadow: true, credit: 7, ..op("b2") };
-        let (keys, args) = encode(&batch(vec![first, second]));
-
-        let keys: Vec<&str> = keys.iter().map(|key| key.as_str().expect("utf-8")).collect();
-        assert_eq!(keys, ["b1", "b2", "e1", "e2"]);
-        let args: Vec<i64> = args.iter().map(|arg| arg.as_i64().expect("integer")).collect();
-        let params = BucketParams::new(10, 1000, 10).expect("exact");
-        let (capacity, scale, refill, tick) =
-            (params.capacity as i64, params.scale as i64, params.refill_per_tick as i64, params.tick_ms as i64);
-        #[rustfmt::skip]
-        let expected = [
-            2, 5000, 600_000,
-            capacity, scale, refill, tick, 2, 0, 0, 2, 1, 3, 1, 4, 0, 5,
-            capacity, scale, refill, tick, -1, 1, 7, 0, 0,
-        ];
-        assert_eq!(args, expected);
-    }
-
-    #[test]
-    fn decode_reads_settlements() {
-        let reports = vec![
-            Report { amount: 9, estimate_key: None },
-            Report { amount: 4, estimate_key: Some("e1".into()) },
-            Report { amount: 4, estimate_key: Some("e2".into()) },
-            Report { amount: 4, estimate_key: Some("e3".into()) },
-        ];
-        let batch = batch(vec![BucketOp { reports, ..op("b1") }]);
-        let reply = integers(&[1_000, 1, 30, 990, 1, 1, 0, 2, 0, 1, 2, 6, 3]);
-
-        let outcome = decode(&batch, reply).expect("readable reply");
-        assert_eq!(outcome.now_ms, 1_000);
-        assert!(outcome.allowed);
-        let bucket = &outcome.buckets[0];
-        assert_eq!(bucket.state, BucketState { level: 30, stamp_ms: 990, scale: 1 });
-        assert!(bucket.fits);
-        assert!(!bucket.charged);
-        assert_eq!(bucket.forgiven, 2);
-        assert_eq!(
-            bucket.settlements,
-            [
-                Settlement::Unmatched,
-                Settlement::UnknownRequest,
-                Settlement::Settled { estimate: 6, actual: 4 },
-                Settlement::Duplicate
-            ]
-        );
-    }
-
-    #[test]
-    fn decode_rejects_short_and_long_replies() {
-        let batch = batch(vec![op("b1")]);
-        let short = decode(&batch, integers(&[1_000, 1, 0, 0, 1, 1]));
-        assert!(matches!(short, Err(StoreError::Protocol(_))), "{short:?}");
-        let long = decode(&batch, integers(&[1_000, 1, 0, 0, 1, 1, 0, 0, 7]));
-        assert!(matches!(long, Err(StoreError::Protocol(_))), "{long:?}");
-    }
-
-    #[test]
-    fn decode_rejects_negative_values() {
-        let batch = batch(vec![op("b1")]);
-        let reply = decode(&batch, integers(&[1_000, 1, -1, 0, 1, 1, 0, 0]));
-        assert!(matches!(reply, Err(StoreError::Protocol(_))), "{reply:?}");
-    }
-
-    #[test]
-    fn check_exact_rejects_unbounded_params() {
-        let exact = BucketParams::new(1_000_000_000_000, 60_000, 1_000_000_000_000).expect("exact");
-        assert!(check_exact(&exact, "b").is_ok());
-        let huge = BucketParams { capacity: MAX_EXACT, ..exact };
-        assert!(matches!(check_exact(&huge, "b"), Err(StoreError::Protocol(_))));
-        let zero_scale = BucketParams { scale: 0, ..exact };
-        assert!(check_exact(&zero_scale, "b").is_err());
+    fn timeouts_report_the_budget() {
+        let deadline = Deadline::after(Duration::from_millis(20));
+        let error = classify(&RedisError::new(ErrorKind::Timeout, "late"), deadline);
+        assert!(matches!(error, StoreError::TimedOut(budget) if budget == Duration::from_millis(20)), "{error:?}");
     }
 }
