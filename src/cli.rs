@@ -10,9 +10,15 @@ use tracing::{error, info};
 use crate::clock::Clock;
 use crate::config;
 use crate::limiter::{Limiter, LimiterSettings};
-use crate::server;
+use crate::metrics::Metrics;
+use crate::reload;
+use crate::server::{self, ServerOptions};
 use crate::store::{MemoryStore, RedisStore, Store};
 use crate::telemetry::{self, LogFormat};
+
+mod ops;
+
+pub use ops::{OpsArgs, parse_duration};
 
 /// The gRPC address served when none is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
@@ -52,6 +58,8 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "FIKRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub ops: OpsArgs,
 }
 
 /// Runs a parsed command line and returns the process's exit code.
@@ -88,8 +96,11 @@ fn check_config(paths: &[PathBuf]) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let limits = config::load(std::slice::from_ref(&args.config))?;
-    info!(config.path = %args.config.display(), config.domains = limits.domains.len(), "Configuration loaded");
+    args.ops.validate()?;
+    let metrics = Metrics::new();
+    let config_paths = vec![args.config.clone()];
+    let (limits, loaded) = reload::load_initial(&config_paths, &metrics)?;
+    let tls = args.ops.tls_files().map(|files| files.server_config()).transpose()?;
 
     let store = match &args.redis_url {
         None => Store::Memory(MemoryStore::new(Clock::monotonic())),
@@ -104,7 +115,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|error| {
         anyhow::anyhow!("cannot listen on {}: {error}; choose a free address with --listen", args.listen)
     })?;
-    server::run(listener, limiter, shutdown_signal()).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.ops.metrics_listen).await.map_err(|error| {
+        anyhow::anyhow!(
+            "cannot listen on {} for metrics: {error}; choose a free address with --metrics-listen",
+            args.ops.metrics_listen
+        )
+    })?;
+
+    let reload = tokio::spawn(reload::watch(config_paths, limiter.clone(), metrics.clone(), loaded, reload::DEFAULT_INTERVAL));
+    let options = ServerOptions {
+        metrics,
+        metrics_listener: Some(metrics_listener),
+        tls,
+        shutdown_delay: args.ops.shutdown_delay,
+        shutdown_grace: args.ops.shutdown_grace,
+        ready_follows_store: true,
+    };
+    let result = server::run_with(listener, limiter, options, shutdown_signal()).await;
+    reload.abort();
+    result?;
     Ok(())
 }
 

@@ -14,7 +14,10 @@
 //! - [`answer`]: a decision to the client's headers and denial body.
 //! - [`rls`]: the gRPC handler, protocol to domain and back, and the one
 //!   place errors become gRPC statuses.
-//! - [`server`]: tonic server, health, reflection, shutdown.
+//! - [`server`]: tonic server, health, reflection, TLS, shutdown.
+//! - [`metrics`]: Prometheus metrics and the HTTP port with the probes.
+//! - [`reload`]: watching the configuration files and applying changes.
+//! - [`tls`]: the gRPC port's certificates.
 //! - [`cli`], [`telemetry`]: the command line and logging.
 //!
 //! # Terms
@@ -35,8 +38,11 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod limiter;
+pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod rls;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

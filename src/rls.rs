@@ -2,12 +2,14 @@
 //! protocol, and the one place where errors become gRPC statuses.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use prost_types::{Duration as ProtoDuration, Struct, Value, value::Kind as ValueKind};
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::answer;
+use crate::metrics::{FailureAnswer, Metrics};
 use crate::limiter::{CheckRequest, Decision, Descriptor, Entry, LimitOverride, Limiter, LimiterError, Outcome};
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -20,22 +22,26 @@ use crate::telemetry::Throttle;
 #[derive(Clone)]
 pub struct RateLimitHandler {
     limiter: Limiter,
+    metrics: Metrics,
     unknown_domain_log: Arc<Throttle>,
     store_error_log: Arc<Throttle>,
 }
 
 impl RateLimitHandler {
-    pub fn new(limiter: Limiter) -> Self {
-        Self { limiter, unknown_domain_log: Arc::new(Throttle::new()), store_error_log: Arc::new(Throttle::new()) }
+    pub fn new(limiter: Limiter, metrics: Metrics) -> Self {
+        Self { limiter, metrics, unknown_domain_log: Arc::new(Throttle::new()), store_error_log: Arc::new(Throttle::new()) }
     }
 }
 
 #[tonic::async_trait]
 impl RateLimitService for RateLimitHandler {
     async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
+        let _in_flight = self.metrics.in_flight();
+        let started = Instant::now();
         let request = translate(request.into_inner());
         match self.limiter.decide(&request).await {
             Ok(decision) => {
+                self.metrics.record_decision(&request.domain, self.limiter.store().kind(), &decision);
                 if decision.unknown_domain {
                     if let Some(suppressed) = self.unknown_domain_log.allow() {
                         warn!(rls.domain = %request.domain, suppressed, "Unknown domain; allowing the call without limits");
@@ -45,16 +51,31 @@ impl RateLimitService for RateLimitHandler {
                     rls.domain = %request.domain,
                     rls.descriptors = request.descriptors.len(),
                     rls.allowed = decision.outcome == Outcome::Allowed,
+                    rls.rules = %rule_labels(&decision),
                     "Decided"
                 );
                 Ok(Response::new(respond(&decision)))
             }
-            Err(error) => Err(self.rescue(error, &request.domain)),
+            Err(error) => {
+                self.count_error(&error, &request.domain, started);
+                Err(self.rescue(error, &request.domain))
+            }
         }
     }
 }
 
 impl RateLimitHandler {
+    /// Counts a call that got no decision.
+    fn count_error(&self, error: &LimiterError, domain: &str, started: Instant) {
+        match error {
+            LimiterError::Invalid(_) => self.metrics.record_invalid(domain, self.limiter.limits().domain(domain).is_some()),
+            LimiterError::Store(store) => {
+                let kind = self.limiter.store().kind();
+                self.metrics.record_store_error(domain, kind, store.is_transient(), started.elapsed(), FailureAnswer::Unavailable)
+            }
+        }
+    }
+
     /// Maps every failure to a gRPC status.
     fn rescue(&self, error: LimiterError, domain: &str) -> Status {
         match error {
@@ -174,11 +195,40 @@ fn duration(ms: u64) -> ProtoDuration {
     }
 }
 
-/// Marks shadowed would-be denials for Envoy's formatters, in the
-/// `envoy.filters.http.ratelimit` namespace: `shadow_denied` is the count.
+/// Marks shadowed would-be denials for Envoy's formatters and access logs,
+/// in the `envoy.filters.http.ratelimit` namespace:
+///
+/// - `shadow_denied`: how many descriptors a shadowed limit would have denied;
+/// - `shadow_denied_descriptors`: their indexes in the request, in order;
+/// - `shadow_denied_rules`: their rule labels from the configuration,
+///   joined with `,` (never a descriptor value).
 fn shadow_metadata(decision: &Decision) -> Struct {
-    let count = decision.shadow_denials() as f64;
+    let mut indexes = Vec::new();
+    let mut rules: Vec<&str> = Vec::new();
+    for (index, status) in decision.statuses.iter().enumerate() {
+        if !status.shadow_denied {
+            continue;
+        }
+        indexes.push(Value { kind: Some(ValueKind::NumberValue(index as f64)) });
+        let rule = status.facts.rule.as_deref().unwrap_or(crate::metrics::OVERRIDE_RULE);
+        if !rules.contains(&rule) {
+            rules.push(rule);
+        }
+    }
+    let count = indexes.len() as f64;
     let mut fields = std::collections::BTreeMap::new();
     fields.insert("shadow_denied".to_owned(), Value { kind: Some(ValueKind::NumberValue(count)) });
+    fields.insert(
+        "shadow_denied_descriptors".to_owned(),
+        Value { kind: Some(ValueKind::ListValue(prost_types::ListValue { values: indexes })) },
+    );
+    fields.insert("shadow_denied_rules".to_owned(), Value { kind: Some(ValueKind::StringValue(rules.join(","))) });
     Struct { fields }
+}
+
+/// The rule labels of a decision's descriptors for the debug log, `-` for a
+/// descriptor without a rule.
+fn rule_labels(decision: &Decision) -> String {
+    let labels: Vec<&str> = decision.statuses.iter().map(|status| status.facts.rule.as_deref().unwrap_or("-")).collect();
+    labels.join(",")
 }

@@ -125,6 +125,8 @@ fn spawn(config: &Path, port: u16, redis_url: &str, log_path: &Path) -> Child {
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--redis-url", redis_url])
+        // Several services run at once, so none takes the fixed metrics port.
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
         .stdin(Stdio::null())
         .stdout(log_for_stdout)

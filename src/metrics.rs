@@ -1,0 +1,455 @@
+//! Prometheus metrics, and the HTTP server for them and the probes.
+//!
+//! Labels come only from the configuration (domain, rule label, tier name)
+//! or from fixed sets (codes, results, store kinds). A descriptor value, such
+//! as an API key, never becomes a label: a domain that is not configured is
+//! counted as [`UNKNOWN_DOMAIN`], and descriptors that match no rule are
+//! counted per domain only.
+
+pub mod http;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::limiter::judge::Settlement;
+use crate::limiter::{Decision, DescriptorKind, DescriptorStatus, Outcome};
+
+/// The domain label of calls for a domain that is not configured; a
+/// client-chosen domain name must not create a series.
+pub const UNKNOWN_DOMAIN: &str = "(unknown)";
+
+/// The rule label of a limit that Envoy sent with no configured rule.
+pub const OVERRIDE_RULE: &str = "(override)";
+
+/// The tier label of a domain without tiers.
+pub const NO_TIER: &str = "(none)";
+
+/// A check is near its limit when the units left after it are below this
+/// share of the capacity.
+pub const NEAR_LIMIT_SHARE: f64 = 0.2;
+
+/// Upper bounds of the store latency histogram, in seconds: 0.1 ms to 1 s.
+const STORE_SECONDS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// Upper bounds of the estimate error histogram (A − E), in units; negative
+/// when the gateway estimated more than the response used.
+const ESTIMATE_ERROR_UNITS: [f64; 17] = [
+    -100_000.0, -30_000.0, -10_000.0, -3_000.0, -1_000.0, -300.0, -100.0, -10.0, 0.0, 10.0, 100.0, 300.0, 1_000.0,
+    3_000.0, 10_000.0, 30_000.0, 100_000.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    domain: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabels {
+    domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    domain: String,
+    rule: String,
+    tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    domain: String,
+    rule: String,
+    tier: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReportLabels {
+    domain: String,
+    rule: String,
+    tier: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EstimateLabels {
+    domain: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    store: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreErrorLabels {
+    store: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabels {
+    answer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// How a failed store call was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureAnswer {
+    /// gRPC UNAVAILABLE: Envoy's `failure_mode_deny` decides.
+    Unavailable,
+    /// Allowed without rate-limit headers (fail-open).
+    Allowed,
+}
+
+/// The service's metrics. Clones share every series.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    calls: Family<CallLabels, Counter>,
+    checks: Family<CheckLabels, Counter>,
+    near_limit: Family<RuleLabels, Counter>,
+    shadow_denied: Family<RuleLabels, Counter>,
+    unmatched: Family<DomainLabels, Counter>,
+    unknown_domain: Counter,
+    ignored_overrides: Family<DomainLabels, Counter>,
+    reports: Family<ReportLabels, Counter>,
+    refunded: Family<RuleLabels, Counter>,
+    extra_charged: Family<RuleLabels, Counter>,
+    estimate_error: Family<EstimateLabels, Histogram>,
+    debt_forgiven: Family<RuleLabels, Counter>,
+    eviction_forgiven: Counter,
+    evicted_buckets: Counter,
+    store_seconds: Family<StoreLabels, Histogram>,
+    store_errors: Family<StoreErrorLabels, Counter>,
+    failure_answers: Family<AnswerLabels, Counter>,
+    in_flight: Gauge,
+    config_loads: Counter,
+    config_load_errors: Counter,
+    config_domains: Gauge,
+    config_loaded_at: Gauge,
+    ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates every metric in a new registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fikra");
+        let calls = Family::<CallLabels, Counter>::default();
+        let checks = Family::<CheckLabels, Counter>::default();
+        let near_limit = Family::<RuleLabels, Counter>::default();
+        let shadow_denied = Family::<RuleLabels, Counter>::default();
+        let unmatched = Family::<DomainLabels, Counter>::default();
+        let unknown_domain = Counter::default();
+        let ignored_overrides = Family::<DomainLabels, Counter>::default();
+        let reports = Family::<ReportLabels, Counter>::default();
+        let refunded = Family::<RuleLabels, Counter>::default();
+        let extra_charged = Family::<RuleLabels, Counter>::default();
+        let estimate_error = Family::<EstimateLabels, Histogram>::new_with_constructor(estimate_histogram as fn() -> Histogram);
+        let debt_forgiven = Family::<RuleLabels, Counter>::default();
+        let eviction_forgiven = Counter::default();
+        let evicted_buckets = Counter::default();
+        let store_seconds = Family::<StoreLabels, Histogram>::new_with_constructor(store_histogram as fn() -> Histogram);
+        let store_errors = Family::<StoreErrorLabels, Counter>::default();
+        let failure_answers = Family::<AnswerLabels, Counter>::default();
+        let in_flight = Gauge::default();
+        let config_loads = Counter::default();
+        let config_load_errors = Counter::default();
+        let config_domains = Gauge::default();
+        let config_loaded_at = Gauge::default();
+        let ready = Gauge::default();
+
+        registry.register("build", "Build information", Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION") }));
+        registry.register("calls", "ShouldRateLimit calls by domain and answer code", calls.clone());
+        registry.register(
+            "descriptor_checks",
+            "Descriptors checked against a limit, by rule, tier and code (a shadowed would-be denial is ok)",
+            checks.clone(),
+        );
+        registry.register(
+            "near_limit",
+            "Allowed checks that left less than 20% of the bucket's capacity",
+            near_limit.clone(),
+        );
+        registry.register("shadow_denied", "Checks a shadowed limit would have denied", shadow_denied.clone());
+        registry.register(
+            "unmatched_descriptors",
+            "Descriptors of a configured domain that matched no rule with a limit",
+            unmatched.clone(),
+        );
+        registry.register("unknown_domain_calls", "Calls for a domain that is not configured", unknown_domain.clone());
+        registry.register(
+            "ignored_overrides",
+            "Limit overrides from Envoy that were ignored (unit UNKNOWN or multiplier 0)",
+            ignored_overrides.clone(),
+        );
+        registry.register(
+            "reports",
+            "Usage reports by settlement: settled, unknown_request, no_request_id, duplicate, ignored",
+            reports.clone(),
+        );
+        registry.register("settlement_refunded_units", "Units refunded because a response used less than its estimate", refunded.clone());
+        registry.register(
+            "settlement_extra_units",
+            "Units charged because a response used more than its estimate",
+            extra_charged.clone(),
+        );
+        registry.register(
+            "estimate_error_units",
+            "Used minus estimated units (A - E) of settled reports",
+            estimate_error.clone(),
+        );
+        registry.register("debt_forgiven_units", "Report units the debt clamp forgave", debt_forgiven.clone());
+        registry.register(
+            "eviction_forgiven_units",
+            "Units forgiven by evicting buckets from the in-memory store",
+            eviction_forgiven.clone(),
+        );
+        registry.register("evicted_buckets", "Buckets evicted from the in-memory store", evicted_buckets.clone());
+        registry.register("store_duration_seconds", "Time the store took to judge a call", store_seconds.clone());
+        registry.register("store_errors", "Store calls that failed, by kind", store_errors.clone());
+        registry.register(
+            "failure_mode_answers",
+            "Calls answered by the failure mode because the store failed",
+            failure_answers.clone(),
+        );
+        registry.register("in_flight_calls", "ShouldRateLimit calls being decided", in_flight.clone());
+        registry.register("config_loads", "Configuration loads that succeeded, at start and on reload", config_loads.clone());
+        registry.register(
+            "config_load_errors",
+            "Configuration loads that failed; the running configuration was kept",
+            config_load_errors.clone(),
+        );
+        registry.register("config_domains", "Domains in the running configuration", config_domains.clone());
+        registry.register(
+            "config_loaded_timestamp_seconds",
+            "Unix time of the last successful configuration load",
+            config_loaded_at.clone(),
+        );
+        registry.register("ready", "1 while the service is ready for traffic, else 0", ready.clone());
+
+        Self {
+            registry: Arc::new(registry),
+            calls,
+            checks,
+            near_limit,
+            shadow_denied,
+            unmatched,
+            unknown_domain,
+            ignored_overrides,
+            reports,
+            refunded,
+            extra_charged,
+            estimate_error,
+            debt_forgiven,
+            eviction_forgiven,
+            evicted_buckets,
+            store_seconds,
+            store_errors,
+            failure_answers,
+            in_flight,
+            config_loads,
+            config_load_errors,
+            config_domains,
+            config_loaded_at,
+            ready,
+        }
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Counts a call in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight { gauge: self.in_flight.clone() }
+    }
+
+    /// Records a decided call. `domain` is the requested domain; it becomes
+    /// a label only when the decision says it is configured.
+    pub fn record_decision(&self, domain: &str, store: &'static str, decision: &Decision) {
+        let domain = if decision.unknown_domain { UNKNOWN_DOMAIN } else { domain };
+        let code = match decision.outcome {
+            Outcome::Allowed => "ok",
+            Outcome::Denied => "over_limit",
+        };
+        self.calls.get_or_create(&CallLabels { domain: domain.to_owned(), code }).inc();
+        if let Some(elapsed) = decision.store_elapsed {
+            self.store_seconds.get_or_create(&StoreLabels { store, result: "ok" }).observe(elapsed.as_secs_f64());
+        }
+        if decision.unknown_domain {
+            self.unknown_domain.inc();
+            return;
+        }
+        for status in &decision.statuses {
+            self.record_descriptor(domain, status);
+        }
+    }
+
+    fn record_descriptor(&self, domain: &str, status: &DescriptorStatus) {
+        let facts = &status.facts;
+        if facts.ignored_override {
+            self.ignored_overrides.get_or_create(&DomainLabels { domain: domain.to_owned() }).inc();
+        }
+        let rule = || RuleLabels {
+            domain: domain.to_owned(),
+            rule: facts.rule.clone().unwrap_or_else(|| OVERRIDE_RULE.to_owned()),
+            tier: facts.tier.clone().unwrap_or_else(|| NO_TIER.to_owned()),
+        };
+        match facts.kind {
+            DescriptorKind::NoLimit => {
+                self.unmatched.get_or_create(&DomainLabels { domain: domain.to_owned() }).inc();
+            }
+            DescriptorKind::Check => {
+                let labels = rule();
+                let code = match status.outcome {
+                    Outcome::Allowed => "ok",
+                    Outcome::Denied => "over_limit",
+                };
+                let check = CheckLabels { domain: labels.domain.clone(), rule: labels.rule.clone(), tier: labels.tier.clone(), code };
+                self.checks.get_or_create(&check).inc();
+                if status.shadow_denied {
+                    self.shadow_denied.get_or_create(&labels).inc();
+                }
+                let capacity = status.limit.as_ref().map_or(0, |limit| limit.params.capacity);
+                let near = (status.remaining as f64) < capacity as f64 * NEAR_LIMIT_SHARE;
+                if status.outcome == Outcome::Allowed && !status.shadow_denied && near {
+                    self.near_limit.get_or_create(&labels).inc();
+                }
+            }
+            DescriptorKind::Report => {
+                let labels = rule();
+                if facts.forgiven > 0 {
+                    self.debt_forgiven.get_or_create(&labels).inc_by(facts.forgiven);
+                }
+                let result = match facts.settlement {
+                    Some(Settlement::Settled { estimate, actual }) => {
+                        if actual > estimate {
+                            self.extra_charged.get_or_create(&labels).inc_by(actual - estimate);
+                        } else {
+                            self.refunded.get_or_create(&labels).inc_by(estimate - actual);
+                        }
+                        let error = actual as f64 - estimate as f64;
+                        let estimate_labels = EstimateLabels { domain: labels.domain.clone(), rule: labels.rule.clone() };
+                        self.estimate_error.get_or_create(&estimate_labels).observe(error);
+                        "settled"
+                    }
+                    Some(Settlement::UnknownRequest) => "unknown_request",
+                    Some(Settlement::Unmatched) => "no_request_id",
+                    Some(Settlement::Duplicate) => "duplicate",
+                    // A report judged without the store (an early denial).
+                    None => "ignored",
+                };
+                self.reports.get_or_create(&report_labels(labels, result)).inc();
+            }
+            DescriptorKind::IgnoredReport => {
+                self.reports.get_or_create(&report_labels(rule(), "ignored")).inc();
+            }
+            DescriptorKind::Credit => {}
+        }
+    }
+
+    /// Records a call refused as invalid. `configured` tells whether the
+    /// requested domain is configured (else it is not used as a label).
+    pub fn record_invalid(&self, domain: &str, configured: bool) {
+        let domain = if configured { domain } else { UNKNOWN_DOMAIN };
+        self.calls.get_or_create(&CallLabels { domain: domain.to_owned(), code: "invalid_argument" }).inc();
+    }
+
+    /// Records a store failure and how the call was answered.
+    pub fn record_store_error(&self, domain: &str, store: &'static str, transient: bool, elapsed: Duration, answer: FailureAnswer) {
+        let kind = if transient { "unavailable" } else { "protocol" };
+        self.store_errors.get_or_create(&StoreErrorLabels { store, kind }).inc();
+        self.store_seconds.get_or_create(&StoreLabels { store, result: "error" }).observe(elapsed.as_secs_f64());
+        let (code, answer) = match (transient, answer) {
+            (true, FailureAnswer::Unavailable) => ("unavailable", "unavailable"),
+            (true, FailureAnswer::Allowed) => ("ok", "allowed"),
+            (false, _) => ("internal", "internal"),
+        };
+        self.calls.get_or_create(&CallLabels { domain: domain.to_owned(), code }).inc();
+        if transient {
+            self.failure_answers.get_or_create(&AnswerLabels { answer }).inc();
+        }
+    }
+
+    /// Records a configuration load: `Some(domains)` when it succeeded.
+    pub fn record_config_load(&self, domains: Option<usize>) {
+        match domains {
+            Some(domains) => {
+                self.config_loads.inc();
+                self.config_domains.set(i64::try_from(domains).unwrap_or(i64::MAX));
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                self.config_loaded_at.set(i64::try_from(now).unwrap_or(i64::MAX));
+            }
+            None => {
+                self.config_load_errors.inc();
+            }
+        }
+    }
+
+    /// Sets the readiness gauge.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// The counter of units the in-memory store forgives when it evicts
+    /// buckets; the store bumps it.
+    pub fn eviction_forgiven(&self) -> Counter {
+        self.eviction_forgiven.clone()
+    }
+
+    /// The counter of buckets the in-memory store evicts.
+    pub fn evicted_buckets(&self) -> Counter {
+        self.evicted_buckets.clone()
+    }
+}
+
+fn report_labels(labels: RuleLabels, result: &'static str) -> ReportLabels {
+    ReportLabels { domain: labels.domain, rule: labels.rule, tier: labels.tier, result }
+}
+
+fn store_histogram() -> Histogram {
+    Histogram::new(STORE_SECONDS)
+}
+
+fn estimate_histogram() -> Histogram {
+    Histogram::new(ESTIMATE_ERROR_UNITS)
+}
+
+/// Counts one call in flight while it lives.
+pub struct InFlight {
+    gauge: Gauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
