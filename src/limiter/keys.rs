@@ -1,15 +1,16 @@
 //! Store key names.
 //!
 //! A key never contains an API key or any other entry value in clear text:
-//! entries are hashed with SHA-256, so every key has a fixed length (66
-//! bytes) whatever the values. The layout is versioned (`frl1`), so a
+//! entries are hashed with BLAKE3, so every key has a fixed length (66
+//! bytes) whatever the values, and each value is hashed once, so an 8 KiB
+//! value costs little more than a short one. The layout is versioned (`frl1`), so a
 //! service that reads another layout never misreads it. All keys of one
 //! descriptor's first entry (in the Fikra configuration, the API key) share
 //! one Redis Cluster hash tag, so one script judges a key's requests and
 //! tokens buckets and its estimates together, while different API keys
 //! spread over the cluster.
 
-use sha2::{Digest, Sha256};
+use blake3::Hasher;
 
 /// Prefix and layout version of every key.
 pub const PREFIX: &str = "frl1";
@@ -20,17 +21,20 @@ const TAG_HEX: usize = 24;
 const ID_HEX: usize = 32;
 
 /// Builds the key of the bucket named by `domain` and `entries` (the
-/// identity entries, in order). Returns the key and its hash tag.
-pub fn bucket_key<'a>(domain: &str, entries: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> String {
-    let mut tag = Sha256::new();
+/// identity entries, in order).
+pub fn bucket_key<'a>(domain: &str, mut entries: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    // The tag covers the domain and the first entry; the id extends the
+    // tag's digest with the other entries, so no value is hashed twice.
+    let mut tag = Hasher::new();
     field(&mut tag, domain);
-    if let Some((key, value)) = entries.clone().next() {
+    if let Some((key, value)) = entries.next() {
         field(&mut tag, key);
         field(&mut tag, value);
     }
+    let tag = tag.finalize();
 
-    let mut id = Sha256::new();
-    field(&mut id, domain);
+    let mut id = Hasher::new();
+    id.update(tag.as_bytes());
     for (key, value) in entries {
         field(&mut id, key);
         field(&mut id, value);
@@ -39,9 +43,9 @@ pub fn bucket_key<'a>(domain: &str, entries: impl Iterator<Item = (&'a str, &'a 
     let mut out = String::with_capacity(PREFIX.len() + TAG_HEX + ID_HEX + 6);
     out.push_str(PREFIX);
     out.push_str(":{");
-    push_hex(&mut out, &tag.finalize(), TAG_HEX);
+    push_hex(&mut out, tag.as_bytes(), TAG_HEX);
     out.push_str("}:b:");
-    push_hex(&mut out, &id.finalize(), ID_HEX);
+    push_hex(&mut out, id.finalize().as_bytes(), ID_HEX);
     out
 }
 
@@ -49,20 +53,20 @@ pub fn bucket_key<'a>(domain: &str, entries: impl Iterator<Item = (&'a str, &'a 
 /// `request_id` is remembered, in the bucket's hash slot.
 pub fn estimate_key(bucket_key: &str, request_id: &str) -> String {
     let tag_end = bucket_key.find("}:").map_or(bucket_key.len(), |i| i + 1);
-    let mut id = Sha256::new();
+    let mut id = Hasher::new();
     field(&mut id, bucket_key);
     field(&mut id, request_id);
 
     let mut out = String::with_capacity(tag_end + ID_HEX + 3);
     out.push_str(&bucket_key[..tag_end]);
     out.push_str(":e:");
-    push_hex(&mut out, &id.finalize(), ID_HEX);
+    push_hex(&mut out, id.finalize().as_bytes(), ID_HEX);
     out
 }
 
 /// Feeds a length-prefixed field, so ("ab", "c") and ("a", "bc") differ.
-fn field(hasher: &mut Sha256, value: &str) {
-    hasher.update((value.len() as u64).to_le_bytes());
+fn field(hasher: &mut Hasher, value: &str) {
+    hasher.update(&(value.len() as u64).to_le_bytes());
     hasher.update(value.as_bytes());
 }
 

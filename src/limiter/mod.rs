@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::Limits;
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, FailureMode, Store, StoreError};
 use deny_cache::DenyCache;
 
 pub use decision::{Decision, Denial, DescriptorFacts, DescriptorKind, DescriptorStatus, Outcome};
@@ -34,6 +34,8 @@ pub struct LimiterSettings {
     /// How long a bucket known to be unable to admit is answered locally;
     /// zero turns the local denial cache off.
     pub deny_cache_max_age: Duration,
+    /// The answer when the store fails; the gRPC handler applies it.
+    pub failure_mode: FailureMode,
 }
 
 impl Default for LimiterSettings {
@@ -43,6 +45,7 @@ impl Default for LimiterSettings {
             ttl_slack: Duration::from_secs(2),
             estimate_ttl: Duration::from_secs(600),
             deny_cache_max_age: Duration::ZERO,
+            failure_mode: FailureMode::Unavailable,
         }
     }
 }
@@ -88,6 +91,12 @@ impl Limiter {
 
     /// Decides one call.
     pub async fn decide(&self, request: &CheckRequest) -> Result<Decision, LimiterError> {
+        self.decide_within(request, None).await
+    }
+
+    /// Decides one call, failing with a transient store error when the store
+    /// has not judged it within `budget` (capped by the store's own limit).
+    pub async fn decide_within(&self, request: &CheckRequest, budget: Option<Duration>) -> Result<Decision, LimiterError> {
         request.validate(&self.settings.bounds)?;
 
         let limits = self.limits();
@@ -112,7 +121,7 @@ impl Limiter {
             Some(local)
         } else {
             let started = Instant::now();
-            let outcome = self.store.apply(&batch).await?;
+            let outcome = self.store.apply_within(&batch, budget).await?;
             store_elapsed = Some(started.elapsed());
             self.deny_cache.learn(&batch.ops, &outcome);
             Some(outcome)
