@@ -99,6 +99,17 @@ impl StoreFaults {
     }
 }
 
+/// The answer a call gets when the store cannot judge it in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureMode {
+    /// gRPC `UNAVAILABLE`, so Envoy's `failure_mode_deny` decides.
+    #[default]
+    Unavailable,
+    /// An allowed answer without rate-limit headers (fail-open), counted in
+    /// metrics.
+    Allow,
+}
+
 /// The faults of a store that never fails.
 static NO_FAULTS: StoreFaults = StoreFaults::new();
 
