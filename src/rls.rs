@@ -2,9 +2,10 @@
 //! protocol, and the one place where errors become gRPC statuses.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prost_types::{Duration as ProtoDuration, Struct, Value, value::Kind as ValueKind};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
@@ -16,7 +17,12 @@ use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus, RateLimit, rate_limit::Unit};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use crate::store::FailureMode;
 use crate::telemetry::Throttle;
+
+/// Most of a caller's deadline kept back from the store call, for decoding,
+/// the answer and the network.
+const DEADLINE_RESERVE_MAX: Duration = Duration::from_millis(5);
 
 /// Serves `ShouldRateLimit` from a [`Limiter`].
 #[derive(Clone)]
@@ -38,8 +44,9 @@ impl RateLimitService for RateLimitHandler {
     async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
         let _in_flight = self.metrics.in_flight();
         let started = Instant::now();
+        let budget = store_budget(request.metadata());
         let request = translate(request.into_inner());
-        match self.limiter.decide(&request).await {
+        match self.limiter.decide_within(&request, budget).await {
             Ok(decision) => {
                 self.metrics.record_decision(&request.domain, self.limiter.store().kind(), &decision);
                 if decision.unknown_domain {
@@ -56,12 +63,57 @@ impl RateLimitService for RateLimitHandler {
                 );
                 Ok(Response::new(respond(&decision)))
             }
+            Err(LimiterError::Store(store))
+                if store.is_transient() && self.limiter.settings().failure_mode == FailureMode::Allow =>
+            {
+                let kind = self.limiter.store().kind();
+                self.metrics.record_store_error(&request.domain, kind, true, started.elapsed(), FailureAnswer::Allowed);
+                if let Some(suppressed) = self.store_error_log.allow() {
+                    warn!(rls.domain = %request.domain, error = %store, suppressed, "Store unavailable; allowing the call (fail-open)");
+                }
+                Ok(Response::new(fail_open(request.descriptors.len())))
+            }
             Err(error) => {
                 self.count_error(&error, &request.domain, started);
                 Err(self.rescue(error, &request.domain))
             }
         }
     }
+}
+
+/// Returns the store's share of the deadline the caller sent in
+/// `grpc-timeout`: the timeout less a tenth of it (at most 5 ms), so the
+/// answer leaves before the caller gives up. `None` without a valid header.
+fn store_budget(metadata: &MetadataMap) -> Option<Duration> {
+    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+    Some(timeout - (timeout / 10).min(DEADLINE_RESERVE_MAX))
+}
+
+/// Parses a `grpc-timeout` value: at most 8 digits and a unit, `H`, `M`,
+/// `S`, `m`, `u` or `n` (gRPC over HTTP/2).
+fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+    let digits = text.get(..text.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    let timeout = match &text[digits.len()..] {
+        "H" => Duration::from_secs(value * 3600),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    };
+    Some(timeout)
+}
+
+/// The fail-open answer: allowed, an OK status without a limit per
+/// descriptor, and no rate-limit headers, since nothing was counted.
+fn fail_open(descriptors: usize) -> RateLimitResponse {
+    let status = DescriptorStatus { code: Code::Ok as i32, ..Default::default() };
+    RateLimitResponse { overall_code: Code::Ok as i32, statuses: vec![status; descriptors], ..Default::default() }
 }
 
 impl RateLimitHandler {
@@ -231,4 +283,48 @@ fn shadow_metadata(decision: &Decision) -> Struct {
 fn rule_labels(decision: &Decision) -> String {
     let labels: Vec<&str> = decision.statuses.iter().map(|status| status.facts.rule.as_deref().unwrap_or("-")).collect();
     labels.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit() {
+        assert_eq!(parse_grpc_timeout("20m"), Some(Duration::from_millis(20)));
+        assert_eq!(parse_grpc_timeout("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("500u"), Some(Duration::from_micros(500)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+    }
+
+    #[test]
+    fn invalid_grpc_timeouts_are_ignored() {
+        for text in ["", "m", "20", "20x", "123456789m", "-1m", "1.5S", "2é"] {
+            assert_eq!(parse_grpc_timeout(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn store_budget_keeps_a_reserve() {
+        let budget = |value: &str| {
+            let mut metadata = MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().expect("ASCII"));
+            store_budget(&metadata)
+        };
+        assert_eq!(budget("20m"), Some(Duration::from_millis(18)), "a tenth of 20 ms");
+        assert_eq!(budget("1S"), Some(Duration::from_millis(995)), "at most 5 ms");
+        assert_eq!(store_budget(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn fail_open_answer_has_no_headers() {
+        let answer = fail_open(2);
+        assert_eq!(answer.overall_code, Code::Ok as i32);
+        assert_eq!(answer.statuses.len(), 2);
+        assert!(answer.statuses.iter().all(|status| status.current_limit.is_none()));
+        assert!(answer.response_headers_to_add.is_empty());
+        assert!(answer.raw_body.is_empty());
+    }
 }
