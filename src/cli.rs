@@ -17,8 +17,10 @@ use crate::store::{MemoryStore, RedisStore, Store};
 use crate::telemetry::{self, LogFormat};
 
 mod ops;
+mod store_options;
 
 pub use ops::{OpsArgs, parse_duration};
+pub use store_options::StoreArgs;
 
 /// The gRPC address served when none is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
@@ -51,8 +53,11 @@ pub struct ServeArgs {
     /// Address to serve gRPC on.
     #[arg(long, env = "FIKRA_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Redis URL, such as redis://127.0.0.1:6379; without it buckets live
-    /// in this process's memory (one replica only).
+    /// Redis URL; without it buckets live in this process's memory (one
+    /// replica only). Forms: redis://[[user]:password@]host:port[/db],
+    /// rediss:// for TLS, redis-cluster://host:port?node=host:port and
+    /// redis-sentinel://host:port?sentinelServiceName=NAME&node=host:port
+    /// (the hosts are Sentinels). Passwords are never logged.
     #[arg(long, env = "FIKRA_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Log line format.
@@ -60,6 +65,8 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub ops: OpsArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Runs a parsed command line and returns the process's exit code.
@@ -105,12 +112,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = match &args.redis_url {
         None => Store::Memory(MemoryStore::new(Clock::monotonic())),
         Some(url) => {
-            let store = RedisStore::connect(url).await?;
-            info!(redis.url = %redact(url), "Connected to Redis");
+            let store = RedisStore::connect_with(url, &args.store.redis_options()).await?;
+            info!(
+                redis.url = %redact(url),
+                store.timeout = ?args.store.store_timeout,
+                store.failure_mode = ?args.store.failure_mode,
+                store.max_in_flight = args.store.max_in_flight,
+                "Using the Redis store"
+            );
             Store::Redis(store)
         }
     };
-    let limiter = Limiter::new(limits, store, LimiterSettings::default());
+    let settings = LimiterSettings { failure_mode: args.store.failure_mode, ..LimiterSettings::default() };
+    let limiter = Limiter::new(limits, store, settings);
 
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|error| {
         anyhow::anyhow!("cannot listen on {}: {error}; choose a free address with --listen", args.listen)
@@ -137,13 +151,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A Redis URL with any password replaced by `***`.
+/// A Redis URL with its passwords replaced by `***`: the one before the
+/// host and a `sentinelPassword` query parameter. A URL that does not parse
+/// is not shown at all, since a password could be anywhere in it.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    match rest.rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}://***@{host}"),
-        None => url.to_owned(),
+    let Ok(mut parsed) = url::Url::parse(url) else { return "<invalid URL>".to_owned() };
+    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+        return "<invalid URL>".to_owned();
     }
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(name, value)| {
+            let value = if name.eq_ignore_ascii_case("sentinelPassword") { "***".into() } else { value.into_owned() };
+            (name.into_owned(), value)
+        })
+        .collect();
+    if !pairs.is_empty() {
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -172,5 +198,26 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => info!(signal = "SIGINT", "Shutdown requested"),
         () = terminate => info!(signal = "SIGTERM", "Shutdown requested"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords() {
+        assert_eq!(redact("redis://:s3cret@127.0.0.1:6379/1"), "redis://:***@127.0.0.1:6379/1");
+        assert_eq!(redact("rediss://user:s3cret@cache.example:6380"), "rediss://user:***@cache.example:6380");
+        let sentinel = redact("redis-sentinel://u:p1@s1:26379?sentinelServiceName=main&sentinelPassword=p2&node=s2:26379");
+        assert!(!sentinel.contains("p1") && !sentinel.contains("p2"), "{sentinel}");
+        assert!(sentinel.contains("sentinelServiceName=main"), "{sentinel}");
+        assert!(sentinel.contains("node=s2%3A26379") || sentinel.contains("node=s2:26379"), "{sentinel}");
+        assert_eq!(redact("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001"), "redis-cluster://127.0.0.1:7000?node=127.0.0.1%3A7001");
+    }
+
+    #[test]
+    fn redact_hides_unparsable_urls() {
+        assert_eq!(redact("not a url with s3cret"), "<invalid URL>");
     }
 }

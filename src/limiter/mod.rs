@@ -89,6 +89,11 @@ impl Limiter {
         &self.store
     }
 
+    /// The settings this limiter was built with, including the request bounds.
+    pub fn settings(&self) -> &LimiterSettings {
+        &self.settings
+    }
+
     /// Decides one call.
     pub async fn decide(&self, request: &CheckRequest) -> Result<Decision, LimiterError> {
         self.decide_within(request, None).await
