@@ -113,7 +113,8 @@ def cluster(procs):
 
 def service(procs, redis_url):
     port = free_port()
-    args = [str(SERVICE), "serve", "--config", str(CONFIG), "--listen", f"127.0.0.1:{port}"]
+    args = [str(SERVICE), "serve", "--config", str(CONFIG), "--listen", f"127.0.0.1:{port}",
+            "--metrics-listen", "127.0.0.1:0"]
     if redis_url:
         args += ["--redis-url", redis_url]
     env = dict(os.environ, RUST_LOG="warn")
