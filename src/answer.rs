@@ -107,7 +107,7 @@ pub fn body(denial: &Denial) -> String {
         Denial::ValueTooLong { index, entry, len, max } => ErrorBody {
             code: "invalid_request",
             message: format!(
-                "descriptors[{index}].entries[{entry}].value is {len} bytes, more than the bound of {max} bytes; send a shorter value."
+                "descriptors[{index}].entries[{entry}].value is {len} bytes, more than the maximum of {max} bytes; send a shorter value."
             ),
             param: None,
             status: 429,

@@ -16,9 +16,11 @@ use crate::server::{self, ServerOptions};
 use crate::store::{MemoryStore, RedisStore, Store};
 use crate::telemetry::{self, LogFormat};
 
+mod bounds;
 mod ops;
 mod store_options;
 
+pub use bounds::BoundsArgs;
 pub use ops::{OpsArgs, parse_duration};
 pub use store_options::StoreArgs;
 
@@ -63,6 +65,8 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "FIKRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub bounds: BoundsArgs,
     #[command(flatten)]
     pub ops: OpsArgs,
     #[command(flatten)]
@@ -110,7 +114,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = args.ops.tls_files().map(|files| files.server_config()).transpose()?;
 
     let store = match &args.redis_url {
-        None => Store::Memory(MemoryStore::new(Clock::monotonic())),
+        None => Store::Memory(MemoryStore::with_bounds(Clock::monotonic(), args.bounds.memory_bounds())),
         Some(url) => {
             let store = RedisStore::connect_with(url, &args.store.redis_options()).await?;
             info!(
@@ -123,7 +127,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Store::Redis(store)
         }
     };
-    let settings = LimiterSettings { failure_mode: args.store.failure_mode, ..LimiterSettings::default() };
+    let settings = LimiterSettings {
+        bounds: args.bounds.request_bounds(),
+        failure_mode: args.store.failure_mode,
+        ..LimiterSettings::default()
+    };
     let limiter = Limiter::new(limits, store, settings);
 
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|error| {

@@ -158,7 +158,7 @@ pub async fn run_with(
         .add_service(health_service)
         .add_service(reflection)
         // A larger message is rejected with OUT_OF_RANGE before it is decoded.
-        .add_service(RateLimitServiceServer::new(handler))
+        .add_service(RateLimitServiceServer::new(handler).max_decoding_message_size(limiter.settings().bounds.max_message_bytes))
         .serve_with_incoming_shutdown(incoming(listener), drain);
 
     let result = tokio::select! {

@@ -38,37 +38,67 @@ pub struct LimitOverride {
 }
 
 /// Bounds on a call, checked before any store work.
+///
+/// Faults of the gateway's own request (the domain, the number of
+/// descriptors and entries, entry keys) are rejected with a message naming
+/// the field, its size and the bound. Entry values come from clients, so an
+/// over-long value is denied instead (see [`RequestBounds::max_value_len`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestBounds {
+    /// Longest domain in bytes.
+    pub max_domain_len: usize,
     pub max_descriptors: usize,
+    /// Most entries in one descriptor.
     pub max_entries: usize,
     /// Longest entry key in bytes.
     pub max_key_len: usize,
     /// Longest entry value in bytes; a longer value is denied, not rejected,
     /// because clients control values.
     pub max_value_len: usize,
+    /// Largest encoded request the gRPC server decodes, in bytes; a larger
+    /// one is rejected with OUT_OF_RANGE before it is decoded.
+    pub max_message_bytes: usize,
+}
+
+impl RequestBounds {
+    pub const DEFAULT_MAX_DOMAIN_LEN: usize = 256;
+    pub const DEFAULT_MAX_DESCRIPTORS: usize = 64;
+    pub const DEFAULT_MAX_ENTRIES: usize = 32;
+    pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+    pub const DEFAULT_MAX_VALUE_LEN: usize = 16 * 1024;
+    pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 }
 
 impl Default for RequestBounds {
     fn default() -> Self {
-        Self { max_descriptors: 64, max_entries: 32, max_key_len: 256, max_value_len: 16 * 1024 }
+        Self {
+            max_domain_len: Self::DEFAULT_MAX_DOMAIN_LEN,
+            max_descriptors: Self::DEFAULT_MAX_DESCRIPTORS,
+            max_entries: Self::DEFAULT_MAX_ENTRIES,
+            max_key_len: Self::DEFAULT_MAX_KEY_LEN,
+            max_value_len: Self::DEFAULT_MAX_VALUE_LEN,
+            max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
+        }
     }
 }
 
-/// A call the gateway built wrongly.
+/// A call the gateway built wrongly. Each message names the field, and for
+/// a bound, the size found, the maximum and the option that sets it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidRequest {
     #[error("domain is empty; set the rate-limit filter's `domain`")]
     EmptyDomain,
+    #[error("domain is {len} bytes, more than the maximum of {max} (--max-domain-bytes)")]
+    DomainTooLong { len: usize, max: usize },
     #[error("descriptors is empty; a call needs at least one descriptor")]
     NoDescriptors,
-    #[error("descriptors has {count} entries, more than the bound of {max}")]
+    #[error("descriptors has {count} descriptors, more than the maximum of {max} (--max-descriptors)")]
     TooManyDescriptors { count: usize, max: usize },
-    #[error("descriptors[{index}].entries has {count} entries, more than the bound of {max}")]
+    #[error("descriptors[{index}].entries has {count} entries, more than the maximum of {max} (--max-entries)")]
     TooManyEntries { index: usize, count: usize, max: usize },
     #[error("descriptors[{index}].entries[{entry}].key is empty; every entry needs a key")]
     EmptyKey { index: usize, entry: usize },
-    #[error("descriptors[{index}].entries[{entry}].key is {len} bytes, more than the bound of {max}")]
+    #[error("descriptors[{index}].entries[{entry}].key is {len} bytes, more than the maximum of {max} (--max-key-bytes)")]
     KeyTooLong { index: usize, entry: usize, len: usize, max: usize },
 }
 
@@ -78,6 +108,9 @@ impl CheckRequest {
     pub fn validate(&self, bounds: &RequestBounds) -> Result<(), InvalidRequest> {
         if self.domain.is_empty() {
             return Err(InvalidRequest::EmptyDomain);
+        }
+        if self.domain.len() > bounds.max_domain_len {
+            return Err(InvalidRequest::DomainTooLong { len: self.domain.len(), max: bounds.max_domain_len });
         }
         if self.descriptors.is_empty() {
             return Err(InvalidRequest::NoDescriptors);

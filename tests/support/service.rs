@@ -22,9 +22,14 @@ pub struct Service {
 
 impl Service {
     pub async fn start(limits: Limits, store: Store) -> Self {
+        Self::start_with(limits, store, LimiterSettings::default()).await
+    }
+
+    /// Starts the server with `settings`, such as smaller request bounds.
+    pub async fn start_with(limits: Limits, store: Store, settings: LimiterSettings) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound address");
-        let limiter = Limiter::new(limits, store, LimiterSettings::default());
+        let limiter = Limiter::new(limits, store, settings);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server::run(listener, limiter, async {
