@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::file::{DomainFile, RateLimitFile, RuleFile};
-use super::model::{DomainLimits, EntryRoles, KeyNode, Limit, Meter, Node, Rule, Tier, Unit};
+use super::model::{AccountsSettings, DomainLimits, EntryRoles, KeyNode, Limit, Meter, Node, Rule, Tier, Unit};
 use crate::limiter::bucket::BucketParams;
 
 /// One problem in one file.
@@ -41,6 +41,7 @@ pub fn compile(file: DomainFile, source: &str) -> Result<DomainLimits, Vec<Probl
     }
     let roles = ctx.roles(&file);
     let (tiers, default_tier) = ctx.tiers(&file);
+    let accounts = ctx.accounts(&file, &tiers);
 
     let scope = Scope { roles: &roles, tiers: &tiers, global_shadow: file.shadow_mode };
     let root = ctx.nodes(&file.descriptors, "descriptors", "", &scope);
@@ -48,7 +49,7 @@ pub fn compile(file: DomainFile, source: &str) -> Result<DomainLimits, Vec<Probl
     if !ctx.problems.is_empty() {
         return Err(ctx.problems);
     }
-    Ok(DomainLimits { name: file.domain, source: source.to_owned(), roles, tiers, default_tier, root })
+    Ok(DomainLimits { name: file.domain, source: source.to_owned(), roles, tiers, default_tier, accounts, root })
 }
 
 struct Context<'a> {
@@ -110,6 +111,35 @@ impl Context<'_> {
             self.problem("entry_roles.tier", "tiers are listed but no entry carries them; set `entry_roles.tier`, for example to `tier`");
         }
         (tiers, default_tier)
+    }
+
+    fn accounts(&mut self, file: &DomainFile, tiers: &[Tier]) -> Option<AccountsSettings> {
+        let accounts = file.accounts.as_ref()?;
+        if tiers.is_empty() {
+            self.problem("accounts", "accounts need tiers; list them under `tiers` or remove `accounts`");
+            return None;
+        }
+        if accounts.key_entry.is_empty() {
+            self.problem("accounts.key_entry", "the entry key is empty; name the entry that carries the API key");
+        }
+        let roles = &file.entry_roles;
+        if [&roles.tier, &roles.phase, &roles.request_id].iter().any(|role| role.as_deref() == Some(accounts.key_entry.as_str())) {
+            self.problem("accounts.key_entry", format!("`{}` is an entry role; name the entry that carries the API key", accounts.key_entry));
+        }
+        if !file.descriptors.is_empty() && !file.descriptors.iter().any(|rule| rule.key == accounts.key_entry) {
+            self.problem(
+                "accounts.key_entry",
+                format!("no top-level rule matches `{}`; the API key must be the first entry of a descriptor", accounts.key_entry),
+            );
+        }
+        let Some(promoted_tier) = tiers.iter().position(|tier| tier.name == accounts.promoted_tier) else {
+            self.problem(
+                "accounts.promoted_tier",
+                format!("unknown tier `{}`; name a tier listed under `tiers`", accounts.promoted_tier),
+            );
+            return None;
+        };
+        Some(AccountsSettings { key_entry: accounts.key_entry.clone(), promoted_tier, trust_tier_entry: accounts.trust_tier_entry })
     }
 
     fn nodes(&mut self, rules: &[RuleFile], path: &str, label: &str, scope: &Scope<'_>) -> Node {
@@ -260,7 +290,11 @@ impl Context<'_> {
             return None;
         }
 
-        let window_ms = unit.ms() * u64::from(multiplier);
+        let Some(window_ms) = unit.ms().checked_mul(u64::from(multiplier)) else {
+            let message = format!("a window of {multiplier} {}s is longer than this service can count in milliseconds; lower it", unit.singular());
+            self.problem(format!("{path}.unit_multiplier"), message);
+            return None;
+        };
         let params = match BucketParams::new(per_window, window_ms, capacity) {
             Ok(params) => params,
             Err(error) => {

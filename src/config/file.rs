@@ -29,9 +29,30 @@ pub struct DomainFile {
     /// would-be denials are counted.
     #[serde(default)]
     pub shadow_mode: bool,
+    /// The account store: tiers and overrides recorded per account, which
+    /// apply to each of the account's API keys. Absent: tiers come only from
+    /// the tier entry.
+    pub accounts: Option<AccountsFile>,
     /// The descriptor tree.
     #[serde(default)]
     pub descriptors: Vec<RuleFile>,
+}
+
+/// The `accounts` section of a domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsFile {
+    /// Entry key carrying the API key (for example `api_key`). It must be the
+    /// first entry of the descriptors it limits, as it names their hash tag.
+    pub key_entry: String,
+    /// The tier a first wallet top-up promotes an account to (for example
+    /// `trusted`).
+    pub promoted_tier: String,
+    /// Whether a tier entry set by a trusted proxy applies to keys the
+    /// account store does not know. Default false: the entry is ignored and
+    /// such keys get the default tier.
+    #[serde(default)]
+    pub trust_tier_entry: bool,
 }
 
 /// Entry keys with a role. Each is optional and never part of a bucket's

@@ -28,7 +28,18 @@ pub struct DomainLimits {
     pub tiers: Vec<Tier>,
     /// Index into `tiers` of the default tier.
     pub default_tier: Option<usize>,
+    /// The account store settings; `None` when the domain has no accounts.
+    pub accounts: Option<AccountsSettings>,
     pub root: Node,
+}
+
+/// How a domain uses the account store; see [`super::file::AccountsFile`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountsSettings {
+    pub key_entry: String,
+    /// Index into `tiers` of the tier a top-up promotes to.
+    pub promoted_tier: usize,
+    pub trust_tier_entry: bool,
 }
 
 impl DomainLimits {

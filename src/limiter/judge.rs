@@ -70,7 +70,7 @@ pub struct BucketResult {
     pub fits: bool,
     /// Whether the check was charged.
     pub charged: bool,
-    /// Units the debt clamp forgave from reports.
+    /// Units the debt clamp forgave from reports, saturating at `u64::MAX`.
     pub forgiven: u64,
     pub settlements: Vec<Settlement>,
 }
@@ -160,19 +160,19 @@ fn apply_report(
     estimates: &mut impl EstimateTable,
 ) -> Settlement {
     let Some(key) = &report.estimate_key else {
-        *forgiven += state.charge_report(&op.params, report.amount);
+        *forgiven = forgiven.saturating_add(state.charge_report(&op.params, report.amount));
         return Settlement::Unmatched;
     };
     match estimates.get(key) {
         None => {
-            *forgiven += state.charge_report(&op.params, report.amount);
+            *forgiven = forgiven.saturating_add(state.charge_report(&op.params, report.amount));
             estimates.put(key, EstimateRecord::Settled);
             Settlement::UnknownRequest
         }
         Some(EstimateRecord::Settled) => Settlement::Duplicate,
         Some(EstimateRecord::Open(estimate)) => {
             if report.amount >= estimate {
-                *forgiven += state.charge_report(&op.params, report.amount - estimate);
+                *forgiven = forgiven.saturating_add(state.charge_report(&op.params, report.amount - estimate));
             } else {
                 state.credit(&op.params, estimate - report.amount);
             }

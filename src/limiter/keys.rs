@@ -1,8 +1,9 @@
 //! Store key names.
 //!
 //! A key never contains an API key or any other entry value in clear text:
-//! entries are hashed with BLAKE3, so every key has a fixed length (66
-//! bytes) whatever the values, and each value is hashed once, so an 8 KiB
+//! entries are hashed with BLAKE3, so every key has a fixed length (42
+//! bytes, short enough for Redis to keep its name in a 48-byte allocation)
+//! whatever the values, and each value is hashed once, so an 8 KiB
 //! value costs little more than a short one. The layout is versioned (`frl1`), so a
 //! service that reads another layout never misreads it. All keys of one
 //! descriptor's first entry (in the Fikra configuration, the API key) share
@@ -15,10 +16,11 @@ use blake3::Hasher;
 /// Prefix and layout version of every key.
 pub const PREFIX: &str = "frl1";
 
-/// Hex digits of the hash tag (96 bits).
-const TAG_HEX: usize = 24;
-/// Hex digits of a bucket or estimate id (128 bits).
-const ID_HEX: usize = 32;
+/// Base64url characters of the hash tag (96 bits).
+const TAG_CHARS: usize = 16;
+/// Base64url characters of a bucket or estimate id (96 bits), unique
+/// within its tag.
+const ID_CHARS: usize = 16;
 
 /// Builds the key of the bucket named by `domain` and `entries` (the
 /// identity entries, in order).
@@ -40,12 +42,12 @@ pub fn bucket_key<'a>(domain: &str, mut entries: impl Iterator<Item = (&'a str, 
         field(&mut id, value);
     }
 
-    let mut out = String::with_capacity(PREFIX.len() + TAG_HEX + ID_HEX + 6);
+    let mut out = String::with_capacity(PREFIX.len() + TAG_CHARS + ID_CHARS + 6);
     out.push_str(PREFIX);
     out.push_str(":{");
-    push_hex(&mut out, tag.as_bytes(), TAG_HEX);
+    push_base64(&mut out, tag.as_bytes(), TAG_CHARS);
     out.push_str("}:b:");
-    push_hex(&mut out, id.finalize().as_bytes(), ID_HEX);
+    push_base64(&mut out, id.finalize().as_bytes(), ID_CHARS);
     out
 }
 
@@ -57,10 +59,10 @@ pub fn estimate_key(bucket_key: &str, request_id: &str) -> String {
     field(&mut id, bucket_key);
     field(&mut id, request_id);
 
-    let mut out = String::with_capacity(tag_end + ID_HEX + 3);
+    let mut out = String::with_capacity(tag_end + ID_CHARS + 3);
     out.push_str(&bucket_key[..tag_end]);
     out.push_str(":e:");
-    push_hex(&mut out, id.finalize().as_bytes(), ID_HEX);
+    push_base64(&mut out, id.finalize().as_bytes(), ID_CHARS);
     out
 }
 
@@ -70,11 +72,15 @@ fn field(hasher: &mut Hasher, value: &str) {
     hasher.update(value.as_bytes());
 }
 
-fn push_hex(out: &mut String, bytes: &[u8], digits: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes.iter().take(digits / 2) {
-        out.push(char::from(HEX[usize::from(byte >> 4)]));
-        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+/// Appends the first `chars` base64url characters of `bytes` (`chars` a
+/// multiple of 4, so every character holds six whole bits).
+fn push_base64(out: &mut String, bytes: &[u8], chars: usize) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    for group in bytes.chunks(3).take(chars / 4) {
+        let bits = (u32::from(group[0]) << 16) | (u32::from(group[1]) << 8) | u32::from(group[2]);
+        for shift in [18, 12, 6, 0] {
+            out.push(char::from(ALPHABET[(bits >> shift & 0x3f) as usize]));
+        }
     }
 }
 
@@ -89,9 +95,9 @@ mod tests {
         let other = bucket_key("fikra", [("api_key", "k2"), ("meter", "tokens")].into_iter());
 
         assert_ne!(requests, tokens);
-        assert_eq!(requests[..31], tokens[..31]);
-        assert_ne!(requests[..31], other[..31]);
-        assert_eq!(requests.len(), 66);
+        assert_eq!(requests[..23], tokens[..23]);
+        assert_ne!(requests[..23], other[..23]);
+        assert_eq!(requests.len(), 42);
     }
 
     #[test]
@@ -102,9 +108,9 @@ mod tests {
         let estimate = estimate_key(&key, "req-1");
 
         assert!(!key.contains("sk-live"));
-        assert_eq!(key.len(), 66);
-        assert_eq!(estimate.len(), 66);
-        assert_eq!(key[..31], estimate[..31]);
+        assert_eq!(key.len(), 42);
+        assert_eq!(estimate.len(), 42);
+        assert_eq!(key[..23], estimate[..23]);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::Limits;
-use crate::store::{Batch, FailureMode, Store, StoreError};
+use crate::accounts::{KeyRecord, RecordCache, record};
+use crate::store::{Batch, FailureMode, Guarded, RecordGuard, Store, StoreError};
 use deny_cache::DenyCache;
 
 pub use decision::{Decision, Denial, DescriptorFacts, DescriptorKind, DescriptorStatus, Outcome};
@@ -66,12 +67,14 @@ pub struct Limiter {
     store: Store,
     settings: LimiterSettings,
     deny_cache: Arc<DenyCache>,
+    /// Key records last seen, sent as guards with each batch.
+    records: Arc<RecordCache>,
 }
 
 impl Limiter {
     pub fn new(limits: Limits, store: Store, settings: LimiterSettings) -> Self {
         let deny_cache = Arc::new(DenyCache::new(store.local_clock(), settings.deny_cache_max_age));
-        Self { limits: Arc::new(RwLock::new(Arc::new(limits))), store, settings, deny_cache }
+        Self { limits: Arc::new(RwLock::new(Arc::new(limits))), store, settings, deny_cache, records: Arc::default() }
     }
 
     /// The limits in force.
@@ -109,9 +112,49 @@ impl Limiter {
             return Ok(Decision::unknown_domain(request.descriptors.len()));
         };
 
-        let plan = resolve::plan(domain, request, &self.settings.bounds);
+        let api_keys = account_keys(domain, request);
+        if api_keys.is_empty() {
+            let plan = resolve::plan(domain, request, &self.settings.bounds, &resolve::AccountRecords::new());
+            return self.judge(plan, &[], budget).await.map(|(decision, _)| decision);
+        }
+
+        // Plan with the key records last seen; when the store holds others,
+        // learn them and plan again (see the `accounts` module).
+        let started = Instant::now();
+        for _ in 0..MAX_ACCOUNT_ATTEMPTS {
+            let mut records = resolve::AccountRecords::new();
+            let mut guards = Vec::with_capacity(api_keys.len());
+            for (api_key, record_key) in &api_keys {
+                let expected = self.records.guess(record_key);
+                if let Some(record) = expected.as_deref().and_then(KeyRecord::decode) {
+                    records.insert(api_key.clone(), record);
+                }
+                guards.push(RecordGuard { key: record_key.clone(), expected });
+            }
+            let plan = resolve::plan(domain, request, &self.settings.bounds, &records);
+            let remaining = budget.map(|budget| budget.saturating_sub(started.elapsed()));
+            match self.judge(plan, &guards, remaining).await? {
+                (decision, None) => return Ok(decision),
+                (_, Some(actual)) => {
+                    for (guard, record) in guards.iter().zip(actual) {
+                        self.records.learn(&guard.key, record);
+                    }
+                }
+            }
+        }
+        Err(LimiterError::Store(StoreError::Unavailable("account records kept changing during the check".into())))
+    }
+
+    /// Judges a plan, guarded by `guards`. Returns the decision, or the
+    /// actual key records when a guard did not hold.
+    async fn judge(
+        &self,
+        plan: resolve::Plan,
+        guards: &[RecordGuard],
+        budget: Option<Duration>,
+    ) -> Result<(Decision, Option<Vec<Option<String>>>), LimiterError> {
         if let Some(decision) = plan.early_decision() {
-            return Ok(decision);
+            return Ok((decision, None));
         }
 
         let batch = Batch {
@@ -120,19 +163,43 @@ impl Limiter {
             estimate_ttl: self.settings.estimate_ttl,
         };
         let mut store_elapsed = None;
+        // The local denial cache is skipped with guards: it cannot see an
+        // account change, which must apply at once.
         let outcome = if batch.ops.is_empty() {
             None
-        } else if let Some(local) = self.deny_cache.deny_locally(&batch.ops) {
+        } else if let Some(local) = guards.is_empty().then(|| self.deny_cache.deny_locally(&batch.ops)).flatten() {
             Some(local)
         } else {
             let started = Instant::now();
-            let outcome = self.store.apply_within(&batch, budget).await?;
+            let outcome = match self.store.apply_guarded(&batch, guards, budget).await? {
+                Guarded::Judged(outcome) => outcome,
+                Guarded::Stale(actual) => return Ok((Decision::unknown_domain(0), Some(actual))),
+            };
             store_elapsed = Some(started.elapsed());
             self.deny_cache.learn(&batch.ops, &outcome);
             Some(outcome)
         };
         let mut decision = decision::read(&plan.descriptors, &batch.ops, outcome.as_ref(), plan.too_large);
         decision.store_elapsed = store_elapsed;
-        Ok(decision)
+        Ok((decision, None))
     }
+}
+
+/// Checks of one call planned before it fails: the first guess, the
+/// records the store returned, and one more for a change in between.
+const MAX_ACCOUNT_ATTEMPTS: usize = 3;
+
+/// The distinct API keys of a call in a domain with accounts, with their
+/// key record keys, in order of first appearance.
+fn account_keys(domain: &crate::config::DomainLimits, request: &CheckRequest) -> Vec<(String, String)> {
+    let Some(settings) = &domain.accounts else { return Vec::new() };
+    let mut found: Vec<(String, String)> = Vec::new();
+    for descriptor in &request.descriptors {
+        let Some(entry) = descriptor.entries.iter().find(|entry| entry.key == settings.key_entry) else { continue };
+        if !found.iter().any(|(api_key, _)| *api_key == entry.value) {
+            let record_key = record::record_key(&domain.name, &settings.key_entry, &entry.value);
+            found.push((entry.value.clone(), record_key));
+        }
+    }
+    found
 }

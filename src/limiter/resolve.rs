@@ -1,11 +1,13 @@
 //! Descriptors to rules, limits and bucket operations.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::decision::{Decision, Denial, DescriptorFacts, DescriptorKind};
 use super::judge::{BucketOp, Estimate, Report};
 use super::keys;
 use super::request::{CheckRequest, Descriptor, LimitOverride, RequestBounds};
+use crate::accounts::KeyRecord;
 use crate::config::model::{DomainLimits, Node, REPORT_PHASE, Rule};
 use crate::config::{Limit, Meter, Unit};
 use crate::limiter::bucket::BucketParams;
@@ -60,15 +62,19 @@ impl Plan {
     }
 }
 
-/// Resolves every descriptor of `request` in `domain`.
-pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBounds) -> Plan {
+/// Key records by API key value, for a domain with accounts.
+pub type AccountRecords = HashMap<String, KeyRecord>;
+
+/// Resolves every descriptor of `request` in `domain`, with the tiers and
+/// overrides of `accounts`.
+pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBounds, accounts: &AccountRecords) -> Plan {
     let mut plan = Plan { descriptors: Vec::with_capacity(request.descriptors.len()), ops: Vec::new(), too_large: None, denial: None };
 
     for (index, descriptor) in request.descriptors.iter().enumerate() {
         if let Some((entry, value)) = descriptor.entries.iter().enumerate().find(|(_, e)| e.value.len() > bounds.max_value_len) {
             plan.denial = Some(Denial::ValueTooLong { index, entry, len: value.value.len(), max: bounds.max_value_len });
         }
-        let planned = resolve(domain, request, descriptor, &mut plan.ops);
+        let planned = resolve(domain, request, descriptor, accounts, &mut plan.ops);
         plan.descriptors.push(planned);
     }
 
@@ -90,7 +96,13 @@ pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBound
     plan
 }
 
-fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descriptor, ops: &mut Vec<BucketOp>) -> Planned {
+fn resolve(
+    domain: &DomainLimits,
+    request: &CheckRequest,
+    descriptor: &Descriptor,
+    accounts: &AccountRecords,
+    ops: &mut Vec<BucketOp>,
+) -> Planned {
     let roles = &domain.roles;
     let mut tier = None;
     let mut phase = None;
@@ -114,7 +126,7 @@ fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descripto
         return no_limit(DescriptorFacts::default());
     }
     let rule = find_rule(&domain.root, &identity);
-    let tier_index = domain.tier_index(tier);
+    let (tier_index, account) = account_tier(domain, &identity, tier, accounts);
     let overridden = descriptor.limit.and_then(|o| override_limit(o, rule.map(Arc::as_ref), tier_index, domain));
     let mut facts = DescriptorFacts {
         rule: rule.map(|rule| rule.label.clone()),
@@ -124,7 +136,10 @@ fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descripto
     };
     let limit = match overridden {
         Some(limit) => Some(limit),
-        None => rule.filter(|rule| !rule.unlimited).and_then(|rule| rule.limit_for(tier_index).cloned()),
+        None => rule.filter(|rule| !rule.unlimited).and_then(|rule| {
+            let configured = rule.limit_for(tier_index)?;
+            Some(account.and_then(|record| account_limit(record, rule.meter, configured)).unwrap_or_else(|| configured.clone()))
+        }),
     };
     let Some(limit) = limit else { return no_limit(facts) };
     let meter = rule.map_or(Meter::Requests, |rule| rule.meter);
@@ -188,6 +203,43 @@ fn resolve(domain: &DomainLimits, request: &CheckRequest, descriptor: &Descripto
     Planned { kind, limit: Some(limit), meter, shadow, op: Some(op_index), facts }
 }
 
+/// The tier of a descriptor, and the account record that chose it. With
+/// accounts: the store's tier for a key it has a record for, else the tier
+/// entry when the domain trusts it, else the default tier.
+fn account_tier<'a>(
+    domain: &DomainLimits,
+    identity: &[(&str, &str)],
+    tier_entry: Option<&str>,
+    accounts: &'a AccountRecords,
+) -> (Option<usize>, Option<&'a KeyRecord>) {
+    let Some(settings) = &domain.accounts else { return (domain.tier_index(tier_entry), None) };
+    let api_key = identity.iter().find(|(key, _)| *key == settings.key_entry).map(|(_, value)| *value);
+    match api_key.and_then(|api_key| accounts.get(api_key)) {
+        Some(record) => (domain.tier_index(Some(record.tier.as_str())), Some(record)),
+        None if settings.trust_tier_entry => (domain.tier_index(tier_entry), None),
+        None => (domain.default_tier, None),
+    }
+}
+
+/// The account's own limit for a meter, replacing `configured`; `None`
+/// when the account has no override for this meter.
+fn account_limit(record: &KeyRecord, meter: Meter, configured: &Arc<Limit>) -> Option<Arc<Limit>> {
+    let overrides = record.overrides?;
+    let per_window = match meter {
+        Meter::Requests => overrides.requests?,
+        Meter::Tokens => overrides.tokens?,
+    };
+    let params = BucketParams::new(per_window, overrides.unit.ms(), per_window).ok()?;
+    Some(Arc::new(Limit {
+        per_window,
+        unit: overrides.unit,
+        multiplier: 1,
+        name: configured.name.clone(),
+        owner: configured.owner.clone(),
+        params,
+    }))
+}
+
 /// Walks the tree: every entry must match, in order, and the rule must end
 /// exactly at the last entry.
 fn find_rule<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<&'a Arc<Rule>> {
@@ -199,8 +251,9 @@ fn find_rule<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<&'a Arc<Rul
 }
 
 /// The limit Envoy chose for one descriptor, or `None` when it is unusable
-/// (unit UNKNOWN or a multiplier of 0), in which case the configured limit
-/// applies.
+/// (unit UNKNOWN, a multiplier of 0, or a window longer than `u64::MAX`
+/// milliseconds, such as `u32::MAX` years), in which case the configured
+/// limit applies.
 fn override_limit(
     limit: LimitOverride,
     rule: Option<&Rule>,
@@ -222,7 +275,7 @@ fn override_limit(
         return None;
     }
     let per_window = u64::from(limit.requests_per_unit);
-    let window_ms = unit.ms() * u64::from(multiplier);
+    let window_ms = unit.ms().checked_mul(u64::from(multiplier))?;
     let params = BucketParams::new(per_window, window_ms, per_window).ok()?;
     let configured = rule.and_then(|rule| rule.limit_for(tier));
     let owner = match configured {
