@@ -134,10 +134,13 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
     (keys, args)
 }
 
-/// Encodes a count as an integer argument. Counts above `i64::MAX` are sent
-/// as `i64::MAX`: the script rounds every count at or above 2^53 anyway.
+/// Encodes a count as an integer argument, capped at 2^53 - 1, the largest
+/// count the script accepts (it fails on larger ones). The cap changes no
+/// decision: capacities stay below 2^53 / 5, so a larger check cost never
+/// fits either way, and a larger report or credit already covers the whole
+/// debt range. Only the forgiven count of such a report is capped.
 fn integer(value: u64) -> Value {
-    Value::Integer(i64::try_from(value).unwrap_or(i64::MAX))
+    Value::Integer(i64::try_from(value.min(MAX_EXACT - 1)).unwrap_or(i64::MAX))
 }
 
 pub fn duration_ms(duration: Duration) -> u64 {
