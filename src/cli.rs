@@ -1,4 +1,4 @@
-//! The command line: `serve` and `check-config`.
+//! The command line: `serve`, `check-config` and `admin`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use crate::server::{self, ServerOptions};
 use crate::store::{MemoryStore, RedisStore, Store};
 use crate::telemetry::{self, LogFormat};
 
+pub mod admin;
 mod bounds;
 mod ops;
 mod store_options;
@@ -39,6 +40,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve ShouldRateLimit over gRPC.
     Serve(ServeArgs),
+    /// Change account tiers and overrides through the admin port.
+    Admin(admin::AdminArgs),
     /// Validate configuration files and print every problem.
     CheckConfig {
         /// YAML files or directories of them.
@@ -65,6 +68,13 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "FIKRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Address of the admin gRPC port (accounts and overrides); off
+    /// without it. Needs --token-file.
+    #[arg(long, env = "FIKRA_ADMIN_LISTEN", requires = "token_file")]
+    pub admin_listen: Option<SocketAddr>,
+    /// File holding the bearer token every admin call must present.
+    #[arg(long, env = "FIKRA_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(flatten)]
     pub bounds: BoundsArgs,
     #[command(flatten)]
@@ -77,6 +87,7 @@ pub struct ServeArgs {
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::CheckConfig { paths } => check_config(&paths),
+        Command::Admin(args) => admin::run(args).await,
         Command::Serve(args) => {
             telemetry::init(args.log_format, "info");
             match serve(args).await {
@@ -144,6 +155,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
     })?;
 
+    let admin = match (args.admin_listen, &args.token_file) {
+        (Some(address), Some(token_file)) => {
+            let token = crate::admin::read_token(token_file)?;
+            let listener = tokio::net::TcpListener::bind(address).await.map_err(|error| {
+                anyhow::anyhow!("cannot listen on {address} for the admin service: {error}; choose a free address with --admin-listen")
+            })?;
+            let service = crate::admin::AdminService::new(limiter.clone());
+            Some(tokio::spawn(async move {
+                if let Err(error) = crate::admin::serve(listener, service, token, shutdown_signal()).await {
+                    error!(%error, "Admin service failed");
+                }
+            }))
+        }
+        _ => None,
+    };
+
     let reload = tokio::spawn(reload::watch(config_paths, limiter.clone(), metrics.clone(), loaded, reload::DEFAULT_INTERVAL));
     let options = ServerOptions {
         metrics,
@@ -151,11 +178,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         shutdown_delay: args.ops.shutdown_delay,
         shutdown_grace: args.ops.shutdown_grace,
-        // Under fail-open every call is answered while the store is lost.
-        ready_follows_store: args.store.failure_mode != crate::store::FailureMode::Allow,
+        ready_follows_store: true,
     };
     let result = server::run_with(listener, limiter, options, shutdown_signal()).await;
     reload.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     result?;
     Ok(())
 }

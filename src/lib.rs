@@ -7,6 +7,8 @@
 //!
 //! # Layout
 //!
+//! - [`accounts`]: account tiers and overrides, per API key.
+//! - [`admin`]: the admin gRPC service that changes accounts.
 //! - [`config`]: YAML files to validated [`config::Limits`].
 //! - [`limiter`]: descriptors to buckets to a [`limiter::Decision`]; no
 //!   tonic or Redis types, and the store's clock only.
@@ -33,6 +35,8 @@
 //!   and the estimate a check charged under the same request id.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
+pub mod admin;
 pub mod answer;
 pub mod cli;
 pub mod clock;

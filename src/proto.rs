@@ -33,5 +33,16 @@ pub mod envoy {
     }
 }
 
-/// The encoded descriptors of every compiled file, for server reflection.
+pub mod fikra {
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("fikra.admin.v1");
+        }
+    }
+}
+
+/// The encoded descriptors of the admin proto, for the admin port's reflection.
+pub const ADMIN_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptor.bin"));
+
+/// The encoded descriptors of the rate-limit protos, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rls_descriptor.bin"));

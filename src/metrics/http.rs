@@ -20,7 +20,6 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use super::Metrics;
-use crate::store::Store;
 
 /// The content type of the OpenMetrics text that `/metrics` serves.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -86,7 +85,6 @@ impl Readiness {
 struct Probes {
     metrics: Metrics,
     readiness: Readiness,
-    store: Store,
 }
 
 /// Serves the HTTP port until `shutdown` completes.
@@ -94,19 +92,17 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     readiness: Readiness,
-    store: Store,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Probes { metrics, readiness, store });
+        .with_state(Probes { metrics, readiness });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 async fn scrape(State(probes): State<Probes>) -> Response {
-    probes.metrics.observe_store(&probes.store);
     ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], probes.metrics.encode()).into_response()
 }
 

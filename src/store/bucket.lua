@@ -368,8 +368,44 @@ for i = 1, n do
   end
   ops[i] = op
 end
-if ARGV[arg] ~= nil or KEYS[key_index] ~= nil then
+-- Optional account record guards, after the operations: ARGV holds their
+-- count G and G expected values ('-' for no record), and KEYS ends with the
+-- G record keys. When a record differs from its expected value, the script
+-- replies `now_ms, 3` and the actual values ('-' for none), touching no
+-- bucket, so the caller can plan again with the right tier.
+local estimate_end = key_index - 1
+local guard_count = 0
+if ARGV[arg] ~= nil then
+  guard_count = next_count('guard count')
+end
+local guard_expected = {}
+for g = 1, guard_count do
+  guard_expected[g] = ARGV[arg]
+  if guard_expected[g] == nil then
+    fail('missing guard value ' .. g)
+  end
+  arg = arg + 1
+end
+local guard_base = key_index
+if ARGV[arg] ~= nil or KEYS[key_index + guard_count] ~= nil or (guard_count > 0 and KEYS[key_index + guard_count - 1] == nil) then
   fail('more arguments or keys than the operations use')
+end
+if guard_count > 0 then
+  local actual = {}
+  local stale = false
+  for g = 1, guard_count do
+    actual[g] = redis.call('GET', KEYS[guard_base + g - 1]) or '-'
+    if actual[g] ~= guard_expected[g] then
+      stale = true
+    end
+  end
+  if stale then
+    local reply = { now, 3 }
+    for g = 1, guard_count do
+      reply[#reply + 1] = actual[g]
+    end
+    return reply
+  end
 end
 
 -- Reads a hold key: nil when absent, false for a tombstone, else the units
@@ -462,7 +498,7 @@ end
 -- Estimate records: false when absent, SETTLED, or an open amount.
 local records = {}
 local changed = {}
-for i = base + n + 1, #KEYS do
+for i = base + n + 1, estimate_end do
   local key = KEYS[i]
   if records[key] == nil then
     local raw = redis.call('GET', key)

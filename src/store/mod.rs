@@ -32,6 +32,26 @@ pub struct Batch {
     pub estimate_ttl: Duration,
 }
 
+/// An account record the caller expects, checked atomically with a batch.
+/// See [`crate::accounts`] for the design.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordGuard {
+    /// The key record key, in the hash slot of the API key's buckets.
+    pub key: String,
+    /// The encoded record the caller planned with; `None` for no record.
+    pub expected: Option<String>,
+}
+
+/// The result of a guarded batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guarded {
+    /// Every guard held and the batch was judged.
+    Judged(BatchOutcome),
+    /// A record differs from its guard: the actual records, one per guard,
+    /// and no bucket was touched.
+    Stale(Vec<Option<String>>),
+}
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -133,6 +153,20 @@ impl Store {
         match self {
             Self::Memory(store) => Ok(store.apply(batch)),
             Self::Redis(store) => store.apply_within(batch, budget).await,
+        }
+    }
+
+    /// Judges `batch` unless an account record differs from its guard; see
+    /// [`Guarded`]. One round trip, as [`apply_within`](Self::apply_within).
+    pub async fn apply_guarded(
+        &self,
+        batch: &Batch,
+        guards: &[RecordGuard],
+        budget: Option<Duration>,
+    ) -> Result<Guarded, StoreError> {
+        match self {
+            Self::Memory(store) => Ok(store.accounts().apply_guarded(store, batch, guards)),
+            Self::Redis(store) => store.apply_guarded(batch, guards, budget).await,
         }
     }
 

@@ -7,7 +7,7 @@ use fred::prelude::{Key, Value};
 use crate::limiter::bucket::{BucketParams, BucketState, MAX_EXACT};
 use crate::limiter::judge::{BatchOutcome, BucketOp, BucketResult, Settlement};
 
-use super::super::StoreError;
+use super::super::{RecordGuard, StoreError};
 
 /// The Lua script that judges one batch. Its header documents the full
 /// contract.
@@ -132,6 +132,45 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
         }
     }
     (keys, args)
+}
+
+/// Builds KEYS and ARGV like [`encode`], followed by the account record
+/// guards: their count and expected values in ARGV (`-` for no record), and
+/// their keys at the end of KEYS. Without guards it equals [`encode`].
+pub fn encode_guarded(call: &Invocation<'_>, guards: &[RecordGuard]) -> (Vec<Key>, Vec<Value>) {
+    let (mut keys, mut args) = encode(call);
+    if guards.is_empty() {
+        return (keys, args);
+    }
+    args.push(integer(guards.len() as u64));
+    for guard in guards {
+        args.push(Value::from(guard.expected.as_deref().unwrap_or(NO_RECORD)));
+        keys.push(Key::from(guard.key.as_str()));
+    }
+    (keys, args)
+}
+
+/// The guard value of an absent account record.
+const NO_RECORD: &str = "-";
+/// The `allowed` value of a reply whose account records differ from the guards.
+const GUARD_STALE: i64 = 3;
+
+/// Reads the actual account records of a reply to a guarded call, or `None`
+/// when the guards held and the reply is a judgement.
+pub fn decode_stale(reply: &Value, guards: usize) -> Result<Option<Vec<Option<String>>>, StoreError> {
+    let Value::Array(values) = reply else { return Ok(None) };
+    if guards == 0 || values.get(1).and_then(Value::as_i64) != Some(GUARD_STALE) || values.len() != guards + 2 {
+        return Ok(None);
+    }
+    values[2..]
+        .iter()
+        .map(|value| match value.as_string() {
+            Some(text) if text == NO_RECORD => Ok(None),
+            Some(text) => Ok(Some(text)),
+            None => Err(StoreError::Protocol("the bucket script returned an unreadable account record".into())),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// Encodes a count as an integer argument, capped at 2^53 - 1, the largest
