@@ -352,9 +352,23 @@ impl RedisCluster {
         output.parse().unwrap_or_else(|_| panic!("PTTL {key} returned {output:?}"))
     }
 
-    /// Waits until one of the running replicas of the stopped primary at
-    /// `port` is a primary and every running node reports `ok`. Returns
-    /// when that happened.
+    /// The port of a running replica of the primary at `primary_port`, if
+    /// it has one.
+    pub fn replica_of(&self, primary_port: u16) -> Option<u16> {
+        let id = self.node(primary_port).cli(&["CLUSTER", "MYID"]);
+        let node = self.nodes.iter().find(|node| node.is_running()).expect("a running node");
+        for line in node.cli(&["CLUSTER", "NODES"]).lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() >= 4 && fields[2].contains("slave") && !fields[2].contains("fail") && fields[3] == id {
+                return fields[1].split(['@', ':']).nth(1).and_then(|port| port.parse().ok());
+            }
+        }
+        None
+    }
+
+    /// Waits until at least half the running nodes are primaries (a replica
+    /// took over from a stopped primary) and every running node reports
+    /// `ok`. Returns when that happened.
     pub fn wait_for_failover(&self, timeout: Duration) -> Instant {
         self.wait_until(timeout, "a replica takes over and the cluster is ok", |cluster| {
             let running: Vec<&RedisServer> = cluster.nodes.iter().filter(|node| node.is_running()).collect();
