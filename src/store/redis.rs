@@ -93,7 +93,7 @@ use tokio::time::Instant;
 use crate::limiter::judge::{BatchOutcome, BucketOp};
 use crate::telemetry::Throttle;
 
-use super::{Batch, StoreError, StoreFaults};
+use super::{Batch, Guarded, RecordGuard, StoreError, StoreFaults};
 pub use script::BUCKET_SCRIPT;
 use script::{Invocation, Mode};
 
@@ -388,6 +388,76 @@ impl RedisStore {
         self.inner.topology
     }
 
+    /// Judges `batch` like [`apply_within`](Self::apply_within), unless an
+    /// account record differs from its guard: then returns the actual
+    /// records and touches no bucket. In one hash slot (every Fikra call)
+    /// the guards are checked by the bucket script itself, so this is one
+    /// round trip.
+    pub async fn apply_guarded(
+        &self,
+        batch: &Batch,
+        guards: &[RecordGuard],
+        budget: Option<Duration>,
+    ) -> Result<Guarded, StoreError> {
+        if guards.is_empty() {
+            return self.apply_within(batch, budget).await.map(Guarded::Judged);
+        }
+        let one_slot = match self.inner.topology {
+            Topology::Cluster => {
+                let mut ops = batch.ops.clone();
+                ops.extend(guards.iter().map(|guard| BucketOp { key: guard.key.clone(), ..batch.ops[0].clone() }));
+                slots::group_by_slot(&ops)?.len() == 1
+            }
+            Topology::Standalone | Topology::Sentinel => true,
+        };
+        if !one_slot {
+            // NOTE: a batch spanning several slots checks its guards with a
+            // separate read first, so an account change between that read
+            // and the judgement applies from the next call.
+            let actual = crate::accounts::redis::read_records(self, guards).await?;
+            if actual.iter().zip(guards).any(|(actual, guard)| *actual != guard.expected) {
+                return Ok(Guarded::Stale(actual));
+            }
+            return self.apply_within(batch, budget).await.map(Guarded::Judged);
+        }
+
+        for op in &batch.ops {
+            script::check_exact(&op.params, &op.key)?;
+        }
+        let cap = self.inner.options.store_timeout;
+        let deadline = Deadline::after(budget.map_or(cap, |budget| budget.min(cap)));
+        let Ok(permit) = self.inner.in_flight.clone().try_acquire_owned() else {
+            let error = StoreError::Busy(self.inner.options.max_in_flight);
+            self.inner.faults.record(&error);
+            return Err(error);
+        };
+        let call = Invocation {
+            mode: Mode::Judge,
+            hold: None,
+            ops: batch.ops.iter().collect(),
+            ttl_slack: batch.ttl_slack,
+            estimate_ttl: batch.estimate_ttl,
+        };
+        let result = async {
+            let reply = self.run_guarded(&call, guards, deadline).await?;
+            if let Some(actual) = script::decode_stale(&reply, guards.len())? {
+                return Ok(Guarded::Stale(actual));
+            }
+            script::decode(&call.ops, reply).map(Guarded::Judged)
+        }
+        .await;
+        drop(permit);
+        if let Err(error) = &result {
+            self.inner.faults.record(error);
+        }
+        result
+    }
+
+    /// The client pool, for the account store.
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
     async fn judge_in_one_slot(&self, batch: &Batch, deadline: Deadline) -> Result<BatchOutcome, StoreError> {
         let call = Invocation {
             mode: Mode::Judge,
@@ -404,7 +474,12 @@ impl RedisStore {
     /// text instead when the node replies `NOSCRIPT`. The command is sent at
     /// most once and fails when `deadline` passes.
     async fn run(&self, call: &Invocation<'_>, deadline: Deadline) -> Result<Value, StoreError> {
-        match self.send(call, ScriptRef::Sha, deadline).await {
+        self.run_guarded(call, &[], deadline).await
+    }
+
+    /// Runs the bucket script like [`run`](Self::run), with account record guards.
+    async fn run_guarded(&self, call: &Invocation<'_>, guards: &[RecordGuard], deadline: Deadline) -> Result<Value, StoreError> {
+        match self.send(call, guards, ScriptRef::Sha, deadline).await {
             Err(error) if is_noscript(&error) => {
                 if let Some(suppressed) = self.inner.noscript_log.allow() {
                     tracing::warn!(
@@ -413,7 +488,7 @@ impl RedisStore {
                         "Redis replied NOSCRIPT (restarted or promoted node); sending the bucket script text"
                     );
                 }
-                self.send(call, ScriptRef::Text, deadline).await.map_err(|error| classify(&error, deadline))
+                self.send(call, guards, ScriptRef::Text, deadline).await.map_err(|error| classify(&error, deadline))
             }
             reply => reply.map_err(|error| classify(&error, deadline)),
         }
@@ -422,7 +497,7 @@ impl RedisStore {
     /// Sends `call` once on the next client, with the time left before
     /// `deadline`, no retry, and a quick failure while the client is
     /// disconnected.
-    async fn send(&self, call: &Invocation<'_>, sent_as: ScriptRef, deadline: Deadline) -> Result<Value, RedisError> {
+    async fn send(&self, call: &Invocation<'_>, guards: &[RecordGuard], sent_as: ScriptRef, deadline: Deadline) -> Result<Value, RedisError> {
         let remaining = deadline.remaining();
         if remaining.is_zero() {
             return Err(RedisError::new(ErrorKind::Timeout, "the deadline passed before the command was sent"));
@@ -435,7 +510,7 @@ impl RedisStore {
         }
         let options = Options { timeout: Some(remaining), max_attempts: Some(1), fail_fast: true, ..Options::default() };
         let client = client.with_options(&options);
-        let (keys, args) = script::encode(call);
+        let (keys, args) = script::encode_guarded(call, guards);
         let reply = async {
             match sent_as {
                 ScriptRef::Sha => client.evalsha::<Value, _, _, _>(self.inner.script_sha.clone(), keys, args).await,
