@@ -178,7 +178,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         shutdown_delay: args.ops.shutdown_delay,
         shutdown_grace: args.ops.shutdown_grace,
-        ready_follows_store: true,
+        // Under fail-open every call is answered while the store is lost.
+        ready_follows_store: args.store.failure_mode != crate::store::FailureMode::Allow,
     };
     let result = server::run_with(listener, limiter, options, shutdown_signal()).await;
     reload.abort();

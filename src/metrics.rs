@@ -8,7 +8,9 @@
 
 pub mod http;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,6 +23,7 @@ use prometheus_client::registry::Registry;
 
 use crate::limiter::judge::Settlement;
 use crate::limiter::{Decision, DescriptorKind, DescriptorStatus, Outcome};
+use crate::store::Store;
 
 /// The domain label of calls for a domain that is not configured; a
 /// client-chosen domain name must not create a series.
@@ -100,6 +103,12 @@ struct StoreErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
+    store: &'static str,
+    fault: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AnswerLabels {
     answer: &'static str,
 }
@@ -136,6 +145,10 @@ pub struct Metrics {
     debt_forgiven: Family<RuleLabels, Counter>,
     eviction_forgiven: Counter,
     evicted_buckets: Counter,
+    evicted_estimates: Counter,
+    store_faults: Family<FaultLabels, Counter>,
+    /// The store's own counts as of the last scrape, to add only what grew.
+    store_seen: Arc<Mutex<HashMap<&'static str, u64>>>,
     store_seconds: Family<StoreLabels, Histogram>,
     store_errors: Family<StoreErrorLabels, Counter>,
     failure_answers: Family<AnswerLabels, Counter>,
@@ -171,6 +184,8 @@ impl Metrics {
         let debt_forgiven = Family::<RuleLabels, Counter>::default();
         let eviction_forgiven = Counter::default();
         let evicted_buckets = Counter::default();
+        let evicted_estimates = Counter::default();
+        let store_faults = Family::<FaultLabels, Counter>::default();
         let store_seconds = Family::<StoreLabels, Histogram>::new_with_constructor(store_histogram as fn() -> Histogram);
         let store_errors = Family::<StoreErrorLabels, Counter>::default();
         let failure_answers = Family::<AnswerLabels, Counter>::default();
@@ -228,6 +243,16 @@ impl Metrics {
             eviction_forgiven.clone(),
         );
         registry.register("evicted_buckets", "Buckets evicted from the in-memory store", evicted_buckets.clone());
+        registry.register(
+            "evicted_estimates",
+            "Token estimates evicted from the in-memory store; their reports are charged in full",
+            evicted_estimates.clone(),
+        );
+        registry.register(
+            "store_faults",
+            "Store calls by fault: timeout, busy (in-flight bound), unavailable, hold_released, release_failure",
+            store_faults.clone(),
+        );
         registry.register("store_duration_seconds", "Time the store took to judge a call", store_seconds.clone());
         registry.register("store_errors", "Store calls that failed, by kind", store_errors.clone());
         registry.register(
@@ -266,6 +291,9 @@ impl Metrics {
             debt_forgiven,
             eviction_forgiven,
             evicted_buckets,
+            evicted_estimates,
+            store_faults,
+            store_seen: Arc::default(),
             store_seconds,
             store_errors,
             failure_answers,
@@ -419,15 +447,29 @@ impl Metrics {
         self.ready.set(i64::from(ready));
     }
 
-    /// The counter of units the in-memory store forgives when it evicts
-    /// buckets; the store bumps it.
-    pub fn eviction_forgiven(&self) -> Counter {
-        self.eviction_forgiven.clone()
-    }
-
-    /// The counter of buckets the in-memory store evicts.
-    pub fn evicted_buckets(&self) -> Counter {
-        self.evicted_buckets.clone()
+    /// Brings the counters the store keeps itself (evictions, faults) up to
+    /// date; called before each scrape.
+    pub fn observe_store(&self, store: &Store) {
+        let kind = store.kind();
+        let mut seen = self.store_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut grow = |name: &'static str, now: u64, counter: &Counter| {
+            let last = seen.entry(name).or_insert(0);
+            counter.inc_by(now.saturating_sub(*last));
+            *last = now.max(*last);
+        };
+        if let Store::Memory(memory) = store {
+            let stats = memory.stats();
+            grow("bucket_evictions", stats.bucket_evictions, &self.evicted_buckets);
+            grow("forgiven_units", stats.forgiven_units, &self.eviction_forgiven);
+            grow("estimate_evictions", stats.estimate_evictions, &self.evicted_estimates);
+        }
+        let faults = store.faults();
+        let fault = |name: &'static str| self.store_faults.get_or_create(&FaultLabels { store: kind, fault: name }).clone();
+        grow("timeout", faults.timeouts.load(Ordering::Relaxed), &fault("timeout"));
+        grow("busy", faults.busy.load(Ordering::Relaxed), &fault("busy"));
+        grow("unavailable", faults.unavailable.load(Ordering::Relaxed), &fault("unavailable"));
+        grow("hold_released", faults.holds_released.load(Ordering::Relaxed), &fault("hold_released"));
+        grow("release_failure", faults.release_failures.load(Ordering::Relaxed), &fault("release_failure"));
     }
 }
 

@@ -110,7 +110,8 @@ pub async fn run_with(
     let http_task = options.metrics_listener.map(|listener| {
         let http_address = listener.local_addr().ok();
         info!(metrics.addr = ?http_address, "Serving /metrics, /healthz and /readyz");
-        let serve = crate::metrics::http::serve(listener, options.metrics.clone(), readiness.clone(), async {
+        let store = limiter.store().clone();
+        let serve = crate::metrics::http::serve(listener, options.metrics.clone(), readiness.clone(), store, async {
             let _ = http_stopped.await;
         });
         tokio::spawn(async move {

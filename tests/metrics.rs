@@ -18,8 +18,9 @@ use fikra_ratelimit::proto::envoy::extensions::common::ratelimit::v3::rate_limit
 use fikra_ratelimit::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use fikra_ratelimit::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use fikra_ratelimit::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use fikra_ratelimit::store::memory::MemoryBounds;
 use fikra_ratelimit::store::{MemoryStore, RedisStore, Store};
-use ops::{InProcess, get, sample, value};
+use ops::{Binary, ConfigMapDir, InProcess, get, sample, value};
 use redis::RedisServer;
 use service::{descriptor, limits, rls_request};
 use tonic::transport::Channel;
@@ -257,6 +258,53 @@ async fn metrics_port_serves_openmetrics_text() {
     assert_eq!(get(service.metrics_port, "/healthz").await, (200, "ok\n".to_owned()));
     assert_eq!(get(service.metrics_port, "/nothing").await.0, 404);
     service.stop().await;
+}
+
+#[tokio::test]
+async fn evictions_are_counted() {
+    let _logs = captured_logs();
+    let bounds = MemoryBounds { max_buckets: 10, max_estimates: 10 };
+    let store = Store::Memory(MemoryStore::with_bounds(Clock::monotonic(), bounds));
+    let service = InProcess::start(limits(FIKRA), store).await;
+    let mut client = RateLimitServiceClient::connect(service.grpc_url()).await.expect("connect");
+
+    // Each key uses one of its 30 requests; past 10 buckets, every new key
+    // evicts one and forgives its one used unit (and a bit of refill).
+    for n in 0..25 {
+        assert_eq!(call(&mut client, requests(&format!("evict-{n}"))).await, Code::Ok);
+    }
+    let text = service.metrics().await;
+    assert_eq!(value(&text, "fikra_evicted_buckets_total", &[]), 15.0);
+    let forgiven = value(&text, "fikra_eviction_forgiven_units_total", &[]);
+    assert!((1.0..=15.0).contains(&forgiven), "forgiven {forgiven}");
+
+    // A second scrape adds nothing new.
+    assert_eq!(value(&service.metrics().await, "fikra_evicted_buckets_total", &[]), 15.0);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_holds_under_fail_open() {
+    let mut redis = RedisServer::start();
+    let config = ConfigMapDir::new(&[("fikra.yaml", FIKRA)]);
+    let url = redis.url();
+    let service = Binary::start(config.path(), &["--redis-url", &url, "--failure-mode", "allow"]).await;
+    redis.stop();
+
+    // The store is lost, but every call is still answered, so the replica
+    // stays ready; gRPC health tells the truth about the store.
+    let mut client = RateLimitServiceClient::connect(service.grpc_url()).await.expect("connect");
+    let mut answered = 0;
+    for _ in 0..10 {
+        answered += u32::from(call(&mut client, requests("fail-open")).await == Code::Ok);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(answered, 10);
+    assert_eq!(get(service.metrics_port, "/readyz").await.0, 200);
+    let text = service.metrics().await;
+    assert_eq!(value(&text, "fikra_failure_mode_answers_total", &[("answer", "allowed")]), 10.0);
+    assert_eq!(value(&text, "fikra_ready", &[]), 1.0);
+    redis.restart();
 }
 
 async fn wait_for_status(port: u16, path: &str, expected: u16) {

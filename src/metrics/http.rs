@@ -20,6 +20,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use super::Metrics;
+use crate::store::Store;
 
 /// The content type of the OpenMetrics text that `/metrics` serves.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -85,6 +86,7 @@ impl Readiness {
 struct Probes {
     metrics: Metrics,
     readiness: Readiness,
+    store: Store,
 }
 
 /// Serves the HTTP port until `shutdown` completes.
@@ -92,17 +94,19 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     readiness: Readiness,
+    store: Store,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Probes { metrics, readiness });
+        .with_state(Probes { metrics, readiness, store });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 async fn scrape(State(probes): State<Probes>) -> Response {
+    probes.metrics.observe_store(&probes.store);
     ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], probes.metrics.encode()).into_response()
 }
 

@@ -175,6 +175,12 @@ impl Envoy {
     /// variable. Panics with the end of Envoy's log when it exits or does not
     /// become ready within 30 s.
     pub async fn start(options: EnvoyOptions) -> Envoy {
+        Envoy::start_with_config(render_envoy_config(&options, 0, 0)).await
+    }
+
+    /// Starts Envoy like [`Envoy::start`] on a configuration the caller
+    /// rendered (and changed), such as one with TLS to the service.
+    pub async fn start_with_config(config: String) -> Envoy {
         let dir = tempfile::Builder::new()
             .prefix("fikra-envoy-")
             .tempdir()
@@ -182,7 +188,7 @@ impl Envoy {
         let config_path = dir.path().join("envoy.yaml");
         let log_path = dir.path().join("envoy.log");
         let admin_address_path = dir.path().join("admin-address");
-        fs::write(&config_path, render_envoy_config(&options, 0, 0)).expect("write envoy.yaml");
+        fs::write(&config_path, config).expect("write envoy.yaml");
 
         let log_level = std::env::var("ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".to_owned());
         // One worker thread keeps parallel tests light. Hot restart is off so that
