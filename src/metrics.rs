@@ -19,11 +19,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::limiter::judge::Settlement;
 use crate::limiter::{Decision, DescriptorKind, DescriptorStatus, Outcome};
 use crate::store::Store;
+
+/// The prefix of every metric name.
+const PREFIX: &str = "fikra";
 
 /// The domain label of calls for a domain that is not configured; a
 /// client-chosen domain name must not create a series.
@@ -131,6 +135,8 @@ pub enum FailureAnswer {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    /// Every registered family with its type, for [`Metrics::series_names`].
+    families: Arc<Vec<(String, MetricType)>>,
     calls: Family<CallLabels, Counter>,
     checks: Family<CheckLabels, Counter>,
     near_limit: Family<RuleLabels, Counter>,
@@ -169,7 +175,8 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates every metric in a new registry.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("fikra");
+        let mut registry = Registry::with_prefix(PREFIX);
+        let mut families = Vec::new();
         let calls = Family::<CallLabels, Counter>::default();
         let checks = Family::<CheckLabels, Counter>::default();
         let near_limit = Family::<RuleLabels, Counter>::default();
@@ -196,87 +203,88 @@ impl Metrics {
         let config_loaded_at = Gauge::default();
         let ready = Gauge::default();
 
-        registry.register("build", "Build information", Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION") }));
-        registry.register("calls", "ShouldRateLimit calls by domain and answer code", calls.clone());
-        registry.register(
+        register(&mut registry, &mut families, "build", "Build information", Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION") }));
+        register(&mut registry, &mut families, "calls", "ShouldRateLimit calls by domain and answer code", calls.clone());
+        register(&mut registry, &mut families, 
             "descriptor_checks",
             "Descriptors checked against a limit, by rule, tier and code (a shadowed would-be denial is ok)",
             checks.clone(),
         );
-        registry.register(
+        register(&mut registry, &mut families, 
             "near_limit",
             "Allowed checks that left less than 20% of the bucket's capacity",
             near_limit.clone(),
         );
-        registry.register("shadow_denied", "Checks a shadowed limit would have denied", shadow_denied.clone());
-        registry.register(
+        register(&mut registry, &mut families, "shadow_denied", "Checks a shadowed limit would have denied", shadow_denied.clone());
+        register(&mut registry, &mut families, 
             "unmatched_descriptors",
             "Descriptors of a configured domain that matched no rule with a limit",
             unmatched.clone(),
         );
-        registry.register("unknown_domain_calls", "Calls for a domain that is not configured", unknown_domain.clone());
-        registry.register(
+        register(&mut registry, &mut families, "unknown_domain_calls", "Calls for a domain that is not configured", unknown_domain.clone());
+        register(&mut registry, &mut families, 
             "ignored_overrides",
             "Limit overrides from Envoy that were ignored (unit UNKNOWN or multiplier 0)",
             ignored_overrides.clone(),
         );
-        registry.register(
+        register(&mut registry, &mut families, 
             "reports",
             "Usage reports by settlement: settled, unknown_request, no_request_id, duplicate, ignored",
             reports.clone(),
         );
-        registry.register("settlement_refunded_units", "Units refunded because a response used less than its estimate", refunded.clone());
-        registry.register(
+        register(&mut registry, &mut families, "settlement_refunded_units", "Units refunded because a response used less than its estimate", refunded.clone());
+        register(&mut registry, &mut families, 
             "settlement_extra_units",
             "Units charged because a response used more than its estimate",
             extra_charged.clone(),
         );
-        registry.register(
+        register(&mut registry, &mut families, 
             "estimate_error_units",
             "Used minus estimated units (A - E) of settled reports",
             estimate_error.clone(),
         );
-        registry.register("debt_forgiven_units", "Report units the debt clamp forgave", debt_forgiven.clone());
-        registry.register(
+        register(&mut registry, &mut families, "debt_forgiven_units", "Report units the debt clamp forgave", debt_forgiven.clone());
+        register(&mut registry, &mut families, 
             "eviction_forgiven_units",
             "Units forgiven by evicting buckets from the in-memory store",
             eviction_forgiven.clone(),
         );
-        registry.register("evicted_buckets", "Buckets evicted from the in-memory store", evicted_buckets.clone());
-        registry.register(
+        register(&mut registry, &mut families, "evicted_buckets", "Buckets evicted from the in-memory store", evicted_buckets.clone());
+        register(&mut registry, &mut families, 
             "evicted_estimates",
             "Token estimates evicted from the in-memory store; their reports are charged in full",
             evicted_estimates.clone(),
         );
-        registry.register(
+        register(&mut registry, &mut families, 
             "store_faults",
             "Store calls by fault: timeout, busy (in-flight bound), unavailable, hold_released, release_failure",
             store_faults.clone(),
         );
-        registry.register("store_duration_seconds", "Time the store took to judge a call", store_seconds.clone());
-        registry.register("store_errors", "Store calls that failed, by kind", store_errors.clone());
-        registry.register(
+        register(&mut registry, &mut families, "store_duration_seconds", "Time the store took to judge a call", store_seconds.clone());
+        register(&mut registry, &mut families, "store_errors", "Store calls that failed, by kind", store_errors.clone());
+        register(&mut registry, &mut families, 
             "failure_mode_answers",
             "Calls answered by the failure mode because the store failed",
             failure_answers.clone(),
         );
-        registry.register("in_flight_calls", "ShouldRateLimit calls being decided", in_flight.clone());
-        registry.register("config_loads", "Configuration loads that succeeded, at start and on reload", config_loads.clone());
-        registry.register(
+        register(&mut registry, &mut families, "in_flight_calls", "ShouldRateLimit calls being decided", in_flight.clone());
+        register(&mut registry, &mut families, "config_loads", "Configuration loads that succeeded, at start and on reload", config_loads.clone());
+        register(&mut registry, &mut families, 
             "config_load_errors",
             "Configuration loads that failed; the running configuration was kept",
             config_load_errors.clone(),
         );
-        registry.register("config_domains", "Domains in the running configuration", config_domains.clone());
-        registry.register(
+        register(&mut registry, &mut families, "config_domains", "Domains in the running configuration", config_domains.clone());
+        register(&mut registry, &mut families, 
             "config_loaded_timestamp_seconds",
             "Unix time of the last successful configuration load",
             config_loaded_at.clone(),
         );
-        registry.register("ready", "1 while the service is ready for traffic, else 0", ready.clone());
+        register(&mut registry, &mut families, "ready", "1 while the service is ready for traffic, else 0", ready.clone());
 
         Self {
             registry: Arc::new(registry),
+            families: Arc::new(families),
             calls,
             checks,
             near_limit,
@@ -304,6 +312,23 @@ impl Metrics {
             config_loaded_at,
             ready,
         }
+    }
+
+    /// The name of every series the metrics can have, such as
+    /// `fikra_calls_total` or `fikra_store_duration_seconds_bucket`, whether
+    /// or not it has a value yet (a family without values is not scraped).
+    pub fn series_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (name, kind) in self.families.iter() {
+            let suffixes: &[&str] = match kind {
+                MetricType::Counter => &["_total"],
+                MetricType::Histogram => &["_bucket", "_count", "_sum"],
+                MetricType::Info => &["_info"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|suffix| format!("{PREFIX}_{name}{suffix}")));
+        }
+        names
     }
 
     /// Every metric in the Prometheus text format.
@@ -471,6 +496,12 @@ impl Metrics {
         grow("hold_released", faults.holds_released.load(Ordering::Relaxed), &fault("hold_released"));
         grow("release_failure", faults.release_failures.load(Ordering::Relaxed), &fault("release_failure"));
     }
+}
+
+/// Registers `metric` and remembers its name and type.
+fn register<M: Metric + TypedMetric>(registry: &mut Registry, families: &mut Vec<(String, MetricType)>, name: &str, help: &str, metric: M) {
+    families.push((name.to_owned(), M::TYPE));
+    registry.register(name, help, metric);
 }
 
 fn report_labels(labels: RuleLabels, result: &'static str) -> ReportLabels {
