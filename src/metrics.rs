@@ -122,7 +122,7 @@ struct BuildLabels {
     version: &'static str,
 }
 
-/// How a failed store call was answered.
+/// The response to a call whose store call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureAnswer {
     /// gRPC UNAVAILABLE: Envoy's `failure_mode_deny` decides.
@@ -314,7 +314,7 @@ impl Metrics {
         }
     }
 
-    /// The name of every series the metrics can have, such as
+    /// Returns the name of every series the metrics can have, such as
     /// `fikra_calls_total` or `fikra_store_duration_seconds_bucket`, whether
     /// or not it has a value yet (a family without values is not scraped).
     pub fn series_names(&self) -> Vec<String> {
@@ -331,7 +331,7 @@ impl Metrics {
         names
     }
 
-    /// Every metric in the Prometheus text format.
+    /// Encodes every metric in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing to a String cannot fail.
@@ -345,8 +345,8 @@ impl Metrics {
         InFlight { gauge: self.in_flight.clone() }
     }
 
-    /// Records a decided call. `domain` is the requested domain; it becomes
-    /// a label only when the decision says it is configured.
+    /// Records a decided call. `domain` is the requested domain, used as a
+    /// label only when the decision marks it as configured.
     pub fn record_decision(&self, domain: &str, store: &'static str, decision: &Decision) {
         let domain = if decision.unknown_domain { UNKNOWN_DOMAIN } else { domain };
         let code = match decision.outcome {
@@ -429,14 +429,14 @@ impl Metrics {
         }
     }
 
-    /// Records a call refused as invalid. `configured` tells whether the
-    /// requested domain is configured (else it is not used as a label).
+    /// Records a call rejected as invalid. `configured` is whether the
+    /// requested domain is configured; only then is it used as a label.
     pub fn record_invalid(&self, domain: &str, configured: bool) {
         let domain = if configured { domain } else { UNKNOWN_DOMAIN };
         self.calls.get_or_create(&CallLabels { domain: domain.to_owned(), code: "invalid_argument" }).inc();
     }
 
-    /// Records a store failure and how the call was answered.
+    /// Records a store failure and the response the call got.
     pub fn record_store_error(&self, domain: &str, store: &'static str, transient: bool, elapsed: Duration, answer: FailureAnswer) {
         let kind = if transient { "unavailable" } else { "protocol" };
         self.store_errors.get_or_create(&StoreErrorLabels { store, kind }).inc();

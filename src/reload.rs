@@ -3,7 +3,7 @@
 //! The watcher polls: every interval it reads the YAML files under the
 //! configured paths (following symlinks, skipping names that start with a
 //! dot, as the loader does) and hashes their names and contents. Polling
-//! sees every way a file can change, including the way Kubernetes updates a
+//! detects every way a file can change, including the way Kubernetes updates a
 //! mounted ConfigMap: it writes a new timestamped directory and swaps the
 //! `..data` symlink to it in one rename, which file-event watchers on the
 //! old paths miss.
@@ -57,7 +57,7 @@ pub fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
     Fingerprint(hash.finalize().into())
 }
 
-/// The YAML files the loader reads under `path`: the path itself, or the
+/// Lists the YAML files the loader reads under `path`: the path itself, or the
 /// visible `*.yaml` and `*.yml` files of a directory.
 fn yaml_files(path: &Path) -> Vec<PathBuf> {
     let Ok(metadata) = std::fs::metadata(path) else { return Vec::new() };

@@ -1,7 +1,7 @@
 //! The gRPC server: rate-limit service, health, reflection, TLS, the
 //! metrics port and graceful shutdown.
 //!
-//! Health tells the truth: NOT_SERVING until the store answers a ping,
+//! Health reports the store's state: NOT_SERVING until the store answers a ping,
 //! NOT_SERVING again while it does not, and NOT_SERVING from the moment
 //! shutdown starts, so load balancers drain the replica first.
 //!
@@ -60,8 +60,8 @@ pub struct ServerOptions {
     pub shutdown_delay: Duration,
     /// How long after the shutdown signal the server returns at the latest.
     pub shutdown_grace: Duration,
-    /// Whether readiness follows the store's health; false under fail-open,
-    /// where every call is answered while the store is lost.
+    /// Whether readiness follows the store's health. False under fail-open,
+    /// where every call gets a response while the store is lost.
     pub ready_follows_store: bool,
 }
 

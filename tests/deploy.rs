@@ -31,7 +31,7 @@ fn venv_tool(name: &str) -> PathBuf {
     path
 }
 
-/// Every directory under deploy/ with a kustomization.yaml.
+/// Lists every directory under deploy/ with a kustomization.yaml.
 fn kustomizations() -> Vec<PathBuf> {
     fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
         for entry in fs::read_dir(dir).expect("list a deploy directory").flatten() {
@@ -143,7 +143,7 @@ fn deployment_probes_and_shutdown() {
         container["env"].as_array().expect("env").iter().find(|e| e["name"] == name).map(|e| e["value"].clone())
     };
 
-    // Liveness asks only whether the process serves; readiness is gRPC health.
+    // Liveness checks only whether the process serves; readiness is gRPC health.
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["livenessProbe"]["httpGet"]["port"], "metrics");
     assert_eq!(container["readinessProbe"]["grpc"]["port"], 8081);
@@ -222,7 +222,8 @@ fn dockerfile_builds_what_is_tested() {
     );
     assert!(lines.contains(&r#"ENTRYPOINT ["/usr/local/bin/fikra-ratelimit"]"#), "{dockerfile}");
     let user = lines.iter().find_map(|l| l.strip_prefix("USER ")).expect("a USER line");
-    assert!(!user.starts_with('0') && !user.starts_with("root"), "the runtime user {user} is root");
+    assert!(!user.starts_with('0'), "the runtime user {user} is root");
+    assert!(!user.starts_with("root"), "the runtime user {user} is root");
 
     // The build's lock file is complete: --locked needs no change.
     let metadata = Command::new(env!("CARGO"))

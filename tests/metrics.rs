@@ -30,7 +30,7 @@ const FIKRA: &str = include_str!("../deploy/config/fikra.yaml");
 /// API keys that must never show up in a metric or a log line.
 const SECRET_KEYS: [&str; 4] = ["sk-live-SECRET-4242", "sk-live-SECRET-5151", "sk-live-SECRET-6363", "sk-live-SECRET-7070"];
 
-/// Every log line of this test binary, at debug level.
+/// Returns every log line of this test binary, at debug level.
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOGS.get_or_init(|| {
@@ -268,8 +268,8 @@ async fn evictions_are_counted() {
     let service = InProcess::start(limits(FIKRA), store).await;
     let mut client = RateLimitServiceClient::connect(service.grpc_url()).await.expect("connect");
 
-    // Each key uses one of its 30 requests; past 10 buckets, every new key
-    // evicts one and forgives its one used unit (and a bit of refill).
+    // Each key uses one of its 30 requests. Past 10 buckets, every new key
+    // evicts one, which forgives its one used unit less a bit of refill.
     for n in 0..25 {
         assert_eq!(call(&mut client, requests(&format!("evict-{n}"))).await, Code::Ok);
     }
@@ -291,8 +291,8 @@ async fn readiness_holds_under_fail_open() {
     let service = Binary::start(config.path(), &["--redis-url", &url, "--failure-mode", "allow"]).await;
     redis.stop();
 
-    // The store is lost, but every call is still answered, so the replica
-    // stays ready; gRPC health tells the truth about the store.
+    // The store is lost, but every call still gets a response, so the
+    // replica stays ready. gRPC health still reports the lost store.
     let mut client = RateLimitServiceClient::connect(service.grpc_url()).await.expect("connect");
     let mut answered = 0;
     for _ in 0..10 {

@@ -1,7 +1,8 @@
 //! C17: hot reload through a directory laid out like a mounted Kubernetes
-//! ConfigMap, driven against the real binary: a broken file keeps the
-//! running limits, a valid one applies within 5 s, a deleted file removes
-//! its domain, and a start with only a broken file fails with every problem.
+//! ConfigMap, driven against the real binary. A broken file keeps the
+//! running limits and a valid one applies within 5 s. A deleted file
+//! removes its domain, and a start with only a broken file fails with
+//! every problem listed.
 
 #[path = "support/ops.rs"]
 mod ops;
@@ -20,7 +21,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// The longest a valid change may take to apply.
+/// The maximum time a valid change may take to apply.
 const APPLY_WITHIN: Duration = Duration::from_secs(5);
 
 const LLM_10_PER_HOUR: &str = "

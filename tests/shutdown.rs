@@ -43,7 +43,7 @@ struct Tally {
     lost: std::sync::Mutex<Vec<String>>,
 }
 
-/// Whether an error means the server never took the call: a refused
+/// Returns whether an error means the server never took the call: a refused
 /// connection, a stream the server's GOAWAY excluded, or a request the
 /// client's connection canceled before sending it.
 fn never_accepted(status: &tonic::Status) -> bool {

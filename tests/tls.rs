@@ -44,7 +44,7 @@ impl Authority {
         Authority { pem: cert.pem(), issuer: Issuer::new(params, key) }
     }
 
-    /// A leaf certificate for `names` (DNS names or IP addresses).
+    /// Signs a leaf certificate for `names` (DNS names or IP addresses).
     fn leaf(&self, common_name: &str, names: &[&str]) -> Pem {
         let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("leaf parameters");
@@ -93,7 +93,7 @@ impl Pki {
         self.path(name).display().to_string()
     }
 
-    /// The serve arguments for TLS with client certificates.
+    /// Returns the serve arguments for TLS with client certificates.
     fn serve_args(&self) -> Vec<String> {
         vec![
             "--tls-cert".into(),
@@ -116,8 +116,8 @@ async fn start_tls_service(pki: &Pki) -> Binary {
     Binary::start(&shipped_config(), &args).await
 }
 
-/// One check over TLS with `identity` as the client certificate; the
-/// error text when the call fails.
+/// Sends one check over TLS with `identity` as the client certificate and
+/// returns the code, or the error text when the call fails.
 async fn check_over_tls(service: &Binary, ca: &str, identity: Option<&Pem>) -> Result<i32, String> {
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
     if let Some(pem) = identity {
@@ -179,14 +179,15 @@ async fn tls_start_fails_on_unreadable_certificate() {
         &pki.path_text("server-key.pem"),
     ]);
     assert!(!status.success(), "{output}");
-    assert!(output.contains("--tls-cert") && output.contains("not-pem.pem"), "{output}");
+    assert!(output.contains("--tls-cert"), "{output}");
+    assert!(output.contains("not-pem.pem"), "{output}");
 
     let (status, output) = ops::run_binary(&["serve", "--config", "x.yaml", "--tls-cert", "a.pem"]);
     assert!(!status.success());
     assert!(output.contains("--tls-key"), "a certificate needs its key: {output}");
 }
 
-/// The test Envoy configuration with mutual TLS on the fikra_ratelimit
+/// Renders the test Envoy configuration with mutual TLS on the fikra_ratelimit
 /// cluster: Envoy checks the service's certificate against the CA and the
 /// name `localhost`, and presents its own.
 fn envoy_config_with_tls(options: &EnvoyOptions, pki: &Pki) -> String {

@@ -40,7 +40,7 @@ pub struct OpsArgs {
 }
 
 impl OpsArgs {
-    /// The TLS files, when TLS is on.
+    /// Returns the TLS files, when TLS is on.
     pub fn tls_files(&self) -> Option<TlsFiles> {
         let (cert, key) = (self.tls_cert.clone()?, self.tls_key.clone()?);
         Some(TlsFiles { cert, key, client_ca: self.tls_client_ca.clone() })

@@ -1,9 +1,9 @@
 //! The HTTP port for Prometheus and Kubernetes: `/metrics`, `/healthz` and
 //! `/readyz`.
 //!
-//! `/healthz` answers 200 while the process serves HTTP at all; it is the
+//! `/healthz` returns 200 while the process serves HTTP at all. It is the
 //! liveness probe, so a store outage never restarts the pod. `/readyz`
-//! answers 503 while the service should get no traffic: during shutdown,
+//! returns 503 while the service should get no traffic: during shutdown,
 //! and while the store is lost when store failures are answered with
 //! UNAVAILABLE. Under fail-open the service stays ready through a store
 //! outage, since it still answers every call.
@@ -39,8 +39,8 @@ struct ReadinessState {
 }
 
 impl Readiness {
-    /// Not ready until the store answers (when `follow_store`), and never
-    /// after shutdown starts.
+    /// Creates the state: not ready until the store responds (when
+    /// `follow_store`), and never after shutdown starts.
     pub fn new(follow_store: bool, metrics: Metrics) -> Self {
         let readiness = Self {
             inner: Arc::new(ReadinessState {
