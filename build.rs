@@ -14,9 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_path = out_dir.join("rls_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&descriptors))?;
 
+    // The codec decides requests whose entry values are not UTF-8 (see src/codec.rs).
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .codec_path("crate::codec::LenientCodec")
         .compile_fds(descriptors)?;
 
     // The admin service has its own descriptor set, so only the admin port's

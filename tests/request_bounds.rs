@@ -201,3 +201,65 @@ async fn oversized_report_makes_bounded_debt() {
     }
     check_case(&mut client, case("check after the debt", rls_request("edge", vec![descriptor(&[("k", "r")], None)]), Expect::OverLimit)).await;
 }
+
+/// `RateLimitRequest` with bytes where the protocol has strings, to send
+/// what a client built from the generated types cannot.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    domain: Vec<u8>,
+    #[prost(message, repeated, tag = "2")]
+    descriptors: Vec<RawDescriptor>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawDescriptor {
+    #[prost(message, repeated, tag = "1")]
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+async fn send_raw(channel: Channel, domain: &[u8], key: &[u8], value: &[u8]) -> Result<RateLimitResponse, tonic::Status> {
+    let request = RawRequest {
+        domain: domain.to_vec(),
+        descriptors: vec![RawDescriptor { entries: vec![RawEntry { key: key.to_vec(), value: value.to_vec() }] }],
+    };
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("the channel is ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit");
+    let codec = tonic_prost::ProstCodec::<RawRequest, RateLimitResponse>::default();
+    grpc.unary(tonic::Request::new(request), path, codec).await.map(tonic::Response::into_inner)
+}
+
+/// A value that is not UTF-8 (HTTP allows bytes 0x80 to 0xFF in header
+/// values) is counted like any other; a domain or key that is not UTF-8 is
+/// the gateway's fault.
+#[tokio::test]
+async fn non_utf8_values_are_decided() {
+    let service = Service::start(limits(CONFIG), Store::Memory(MemoryStore::new(Clock::monotonic()))).await;
+    let channel = service.channel().await;
+
+    let first = send_raw(channel.clone(), b"edge", b"k", b"caf\xe9").await.expect("an answer, not an error");
+    assert_eq!(first.overall_code, Code::Ok as i32);
+    assert_eq!(header(&first, "x-ratelimit-remaining-requests"), Some("9"));
+    let second = send_raw(channel.clone(), b"edge", b"k", b"caf\xe9").await.expect("an answer");
+    assert_eq!(header(&second, "x-ratelimit-remaining-requests"), Some("8"), "the same bytes name the same bucket");
+    let other = send_raw(channel.clone(), b"edge", b"k", b"caf\xea").await.expect("an answer");
+    assert_eq!(header(&other, "x-ratelimit-remaining-requests"), Some("9"), "other bytes name another bucket");
+    let valid = send_raw(channel.clone(), b"edge", b"k", b"caf").await.expect("an answer");
+    assert_eq!(header(&valid, "x-ratelimit-remaining-requests"), Some("9"), "the valid prefix is another bucket");
+
+    let key = send_raw(channel.clone(), b"edge", b"k\xff", b"v").await.expect_err("a gateway fault");
+    assert_eq!(key.code(), tonic::Code::InvalidArgument);
+    assert!(key.message().starts_with("descriptors[0].entries[0].key"), "{}", key.message());
+    let domain = send_raw(channel, b"ed\xffge", b"k", b"v").await.expect_err("a gateway fault");
+    assert_eq!(domain.code(), tonic::Code::InvalidArgument);
+    assert!(domain.message().starts_with("domain"), "{}", domain.message());
+}

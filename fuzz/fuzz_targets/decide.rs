@@ -2,10 +2,12 @@
 //! a manual clock.
 //!
 //! An input is a sequence of steps: two bytes that move the clock (in units
-//! of 7 ms), then one length-delimited `RateLimitRequest`. Each input starts
+//! of 7 ms), then one length-delimited `RateLimitRequest`, decoded as the
+//! server decodes it (see `fikra_ratelimit::codec`). Each input starts
 //! from an empty store with small bounds, so eviction runs too. Checked for
-//! every step: the limiter rejects exactly the requests that break the
-//! request bounds, and only with INVALID_ARGUMENT; the memory store never
+//! every step: bytes that do not decode get INVALID_ARGUMENT; the limiter
+//! rejects exactly the requests that break the request bounds, and only with
+//! INVALID_ARGUMENT; the memory store never
 //! fails; every answer is OK or OVER_LIMIT, never UNKNOWN; no remaining
 //! count exceeds its capacity; a denial has a JSON body and either a retry
 //! time or `x-should-retry: false`; an allowed answer has neither.
@@ -15,6 +17,7 @@
 use std::sync::{Arc, OnceLock};
 
 use fikra_ratelimit::clock::Clock;
+use fikra_ratelimit::codec;
 use fikra_ratelimit::config::{self, Limits};
 use fikra_ratelimit::limiter::{Denial, Limiter, LimiterError, LimiterSettings, Outcome, RequestBounds};
 use fikra_ratelimit::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
@@ -22,7 +25,7 @@ use fikra_ratelimit::rls;
 use fikra_ratelimit::store::memory::{MemoryBounds, MemoryStore};
 use fikra_ratelimit::store::Store;
 use libfuzzer_sys::fuzz_target;
-use prost::Message;
+use prost::bytes::Bytes;
 
 const EDGE: &str = "
 domain: edge
@@ -91,8 +94,13 @@ fuzz_target!(|data: &[u8]| {
     while input.len() >= 2 {
         clock.advance_ms(u64::from(u16::from_le_bytes([input[0], input[1]])) * 7);
         input = &input[2..];
-        let Ok(message) = RateLimitRequest::decode_length_delimited(&mut input) else { return };
-        step(fixture, &limiter, message);
+        let Ok(length) = prost::decode_length_delimiter(&mut input) else { return };
+        let Some((message, rest)) = input.split_at_checked(length) else { return };
+        input = rest;
+        match codec::decode_request(Bytes::copy_from_slice(message)) {
+            Ok(message) => step(fixture, &limiter, message),
+            Err(status) => assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}"),
+        }
         let stats = store.stats();
         assert!(stats.buckets <= 4, "store over its bucket bound: {stats:?}");
         assert!(stats.estimates <= 4, "store over its estimate bound: {stats:?}");
