@@ -47,6 +47,12 @@ impl ServiceProcess {
     /// The log level is `info`, or the value of `RUST_LOG`. Panics with the end
     /// of the service's log when it exits or is not SERVING within 30 s.
     pub async fn start(redis_url: &str) -> ServiceProcess {
+        Self::start_with(redis_url, &[], &[]).await
+    }
+
+    /// Starts the service like [`ServiceProcess::start`], with extra
+    /// command-line arguments and environment variables (such as `RUST_LOG`).
+    pub async fn start_with(redis_url: &str, args: &[&str], env: &[(&str, &str)]) -> ServiceProcess {
         let config = repo_root().join(SHIPPED_CONFIG);
         for attempt in 1..=START_ATTEMPTS {
             let dir = tempfile::Builder::new()
@@ -55,7 +61,7 @@ impl ServiceProcess {
                 .expect("create a temporary directory for the service");
             let log_path = dir.path().join("service.log");
             let port = free_port();
-            let child = spawn(&config, port, redis_url, &log_path);
+            let child = spawn(&config, port, redis_url, &log_path, args, env);
 
             let mut service = ServiceProcess { child, port, log_path, _dir: dir };
             match service.wait_until_serving().await {
@@ -116,7 +122,7 @@ impl Drop for ServiceProcess {
     }
 }
 
-fn spawn(config: &Path, port: u16, redis_url: &str, log_path: &Path) -> Child {
+fn spawn(config: &Path, port: u16, redis_url: &str, log_path: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
     let log = fs::File::create(log_path).expect("create the service's log file");
     let log_for_stdout = log.try_clone().expect("clone the service's log file handle");
     Command::new(env!("CARGO_BIN_EXE_fikra-ratelimit"))
@@ -128,6 +134,8 @@ fn spawn(config: &Path, port: u16, redis_url: &str, log_path: &Path) -> Child {
         // Several services run at once, so none takes the fixed metrics port.
         .args(["--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
+        .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log_for_stdout)
         .stderr(log)
