@@ -77,8 +77,8 @@ async fn huge_reports_saturate_forgiven_units() {
     assert!(!check.ok(), "the bucket carries one capacity of debt");
 }
 
-/// The same reports on Redis, whose script counts in doubles: still
-/// answered, clamped at one capacity of debt.
+/// The same reports on Redis, whose script counts in doubles, get a
+/// decision and leave one capacity of debt.
 #[tokio::test]
 async fn huge_reports_on_redis_are_clamped() {
     let server = redis::RedisServer::start();

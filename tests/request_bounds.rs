@@ -238,8 +238,8 @@ async fn send_raw(channel: Channel, domain: &[u8], key: &[u8], value: &[u8]) -> 
     grpc.unary(tonic::Request::new(request), path, codec).await.map(tonic::Response::into_inner)
 }
 
-/// A value that is not UTF-8 (HTTP allows bytes 0x80 to 0xFF in header
-/// values) is counted like any other; a domain or key that is not UTF-8 is
+/// A value that is not UTF-8 is counted like any other, because HTTP allows
+/// bytes 0x80 to 0xFF in header values. A domain or key that is not UTF-8 is
 /// the gateway's fault.
 #[tokio::test]
 async fn non_utf8_values_are_decided() {
