@@ -49,44 +49,84 @@ pub async fn check_primaries(store: &RedisStore) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads `maxmemory-policy` and `maxmemory` from every primary and logs a
-/// warning where bucket writes would fail once Redis is full. Managed
-/// services may disable `CONFIG`, which is logged and otherwise ignored.
+/// Redis settings that decide whether buckets and account records survive
+/// a full memory and a restart, as `CONFIG GET` returns them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub maxmemory_policy: String,
+    /// Bytes; 0 is no limit.
+    pub maxmemory: u64,
+    /// `yes` or `no`.
+    pub appendonly: String,
+    /// The RDB snapshot schedule; empty when snapshots are off.
+    pub save: String,
+}
+
+/// Reads the memory and persistence settings of every primary and logs one
+/// warning per problem found, with the setting names, their values and the
+/// fix. Managed services may disable `CONFIG`: then the check is skipped
+/// and logged at info level.
 pub async fn warn_about_settings(store: &RedisStore) {
     let inner = &store.inner;
     let Some(client) = inner.pool.clients().first() else { return };
     let Ok(nodes) = primaries(client, inner.topology) else { return };
     for node in nodes {
         let server = describe(client, node.as_ref());
-        let policy = config_get(client, node.clone(), "maxmemory-policy").await;
-        let maxmemory = config_get(client, node.clone(), "maxmemory").await;
-        let (policy, maxmemory) = match (policy, maxmemory) {
-            (Ok(policy), Ok(maxmemory)) => (policy, maxmemory.parse::<u64>().unwrap_or(0)),
-            (Err(error), _) | (_, Err(error)) => {
+        let settings = match read_settings(client, node).await {
+            Ok(settings) => settings,
+            Err(error) => {
                 tracing::info!(
                     redis.server = %server,
                     error = %error,
-                    "Cannot read Redis settings (some managed services disable CONFIG); \
-                     make sure maxmemory-policy is not noeviction"
+                    "Skipped the check of Redis settings because CONFIG GET failed (some managed services \
+                     disable CONFIG); make sure maxmemory-policy is volatile-ttl or volatile-lru and that \
+                     persistence (appendonly or save) is on"
                 );
                 continue;
             }
         };
-        match assess_memory_policy(&policy, maxmemory) {
-            Some(problem) => tracing::warn!(
+        let problems = assess_settings(&settings);
+        for problem in &problems {
+            tracing::warn!(
                 redis.server = %server,
-                redis.maxmemory_policy = %policy,
-                redis.maxmemory = maxmemory,
+                redis.maxmemory_policy = %settings.maxmemory_policy,
+                redis.maxmemory = settings.maxmemory,
+                redis.appendonly = %settings.appendonly,
+                redis.save = %settings.save,
                 "{problem}"
-            ),
-            None => tracing::info!(
+            );
+        }
+        if problems.is_empty() {
+            tracing::info!(
                 redis.server = %server,
-                redis.maxmemory_policy = %policy,
-                redis.maxmemory = maxmemory,
-                "Redis memory settings are safe for buckets"
-            ),
+                redis.maxmemory_policy = %settings.maxmemory_policy,
+                redis.maxmemory = settings.maxmemory,
+                redis.appendonly = %settings.appendonly,
+                redis.save = %settings.save,
+                "Redis memory and persistence settings are safe for buckets and account records"
+            );
         }
     }
+}
+
+/// Reads [`RedisSettings`] from one server with `CONFIG GET`.
+async fn read_settings(client: &Client, node: Option<Server>) -> Result<RedisSettings, StoreError> {
+    let maxmemory_policy = config_get(client, node.clone(), "maxmemory-policy").await?;
+    let maxmemory = config_get(client, node.clone(), "maxmemory").await?;
+    let appendonly = config_get(client, node.clone(), "appendonly").await?;
+    let save = config_get(client, node, "save").await?;
+    let maxmemory = maxmemory
+        .parse()
+        .map_err(|_| StoreError::Protocol(format!("CONFIG GET maxmemory returned {maxmemory:?}, not a byte count")))?;
+    Ok(RedisSettings { maxmemory_policy, maxmemory, appendonly, save })
+}
+
+/// Returns every problem with `settings`, as log messages that name the fix.
+pub fn assess_settings(settings: &RedisSettings) -> Vec<String> {
+    let mut problems = Vec::new();
+    problems.extend(assess_memory_policy(&settings.maxmemory_policy, settings.maxmemory));
+    problems.extend(assess_account_safety(settings));
+    problems
 }
 
 /// Returns the problem with a Redis memory policy for bucket keys, if any.
@@ -97,12 +137,38 @@ pub fn assess_memory_policy(policy: &str, maxmemory: u64) -> Option<String> {
     if policy == "noeviction" && maxmemory > 0 {
         Some(format!(
             "maxmemory-policy is noeviction: once Redis holds maxmemory ({maxmemory} bytes) every bucket \
-             write fails and checks get the failure mode; set maxmemory-policy to volatile-ttl, volatile-lru \
-             or allkeys-lru"
+             write fails and checks get the failure mode; set maxmemory-policy to volatile-ttl or volatile-lru"
         ))
     } else {
         None
     }
+}
+
+/// Returns the problems for account records, which have no TTL: an
+/// `allkeys-*` policy may evict them, and without persistence a restart
+/// loses them. Either way their API keys fall back to the default tier.
+///
+/// NOTE: the store does not know whether any domain has an `accounts`
+/// section, so these warnings also appear for a configuration without one.
+pub fn assess_account_safety(settings: &RedisSettings) -> Vec<String> {
+    let mut problems = Vec::new();
+    if settings.maxmemory_policy.starts_with("allkeys-") {
+        problems.push(format!(
+            "maxmemory-policy is {}: once Redis reaches maxmemory ({} bytes, 0 is no limit) it may evict \
+             account records, which have no TTL, and their API keys fall back to the default tier; set \
+             maxmemory-policy to volatile-ttl or volatile-lru",
+            settings.maxmemory_policy, settings.maxmemory
+        ));
+    }
+    if settings.appendonly == "no" && settings.save.trim().is_empty() {
+        problems.push(
+            "Redis persistence is off (appendonly is no and save is empty): account tiers and overrides \
+             would be lost on a restart, and promoted API keys would fall back to the default tier; set \
+             appendonly yes, or a save schedule"
+                .to_owned(),
+        );
+    }
+    problems
 }
 
 /// The primaries `client` routes to: every primary of its cluster slot map,
@@ -185,5 +251,45 @@ mod tests {
             assert_eq!(assess_memory_policy(policy, 1 << 30), None, "{policy}");
         }
         assert_eq!(assess_memory_policy("noeviction", 0), None, "no limit: writes never fail for memory");
+    }
+
+    fn settings(policy: &str, appendonly: &str, save: &str) -> RedisSettings {
+        RedisSettings { maxmemory_policy: policy.into(), maxmemory: 0, appendonly: appendonly.into(), save: save.into() }
+    }
+
+    #[test]
+    fn allkeys_policies_risk_account_records() {
+        for policy in ["allkeys-lru", "allkeys-lfu", "allkeys-random"] {
+            let problems = assess_account_safety(&settings(policy, "yes", ""));
+            assert_eq!(problems.len(), 1, "{policy}: {problems:?}");
+            assert!(problems[0].contains(&format!("maxmemory-policy is {policy}")), "{}", problems[0]);
+            assert!(problems[0].contains("volatile-ttl"), "{}", problems[0]);
+        }
+    }
+
+    #[test]
+    fn persistence_off_risks_account_records() {
+        let problems = assess_account_safety(&settings("volatile-lru", "no", ""));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("lost on a restart"), "{}", problems[0]);
+        assert!(problems[0].contains("appendonly yes"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn safe_settings_have_no_problems() {
+        for (appendonly, save) in [("yes", ""), ("no", "3600 1 300 100"), ("yes", "3600 1")] {
+            let safe = settings("volatile-ttl", appendonly, save);
+            assert_eq!(assess_settings(&safe), Vec::<String>::new(), "appendonly {appendonly}, save {save:?}");
+        }
+        assert_eq!(assess_settings(&settings("noeviction", "yes", "")), Vec::<String>::new(), "noeviction without a limit");
+    }
+
+    #[test]
+    fn problems_add_up() {
+        let mut risky = settings("allkeys-lru", "no", "");
+        risky.maxmemory = 1 << 30;
+        assert_eq!(assess_settings(&risky).len(), 2);
+        risky.maxmemory_policy = "noeviction".into();
+        assert_eq!(assess_settings(&risky).len(), 2, "noeviction with a limit and no persistence");
     }
 }
