@@ -111,7 +111,8 @@ fn shipped_config() -> PathBuf {
 }
 
 async fn start_tls_service(pki: &Pki) -> Binary {
-    let args = pki.serve_args();
+    let mut args = pki.serve_args();
+    args.extend(["--log-format".to_owned(), "json".to_owned()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Binary::start(&shipped_config(), &args).await
 }
@@ -235,4 +236,12 @@ async fn envoy_calls_the_service_over_mutual_tls() {
 
     let text = service.metrics().await;
     assert_eq!(value(&text, "fikra_calls_total", &[("domain", "fikra"), ("code", "ok")]), 1.0);
+
+    // The service logged the decision at debug level, as JSON, without the key.
+    let log = service.log();
+    assert!(log.contains("Decided"), "{log}");
+    for line in log.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not a JSON log line: {line}");
+        assert!(!line.contains("tls-e2e-key"), "a log line carries the API key: {line}");
+    }
 }
