@@ -26,7 +26,7 @@ use fikra_ratelimit::limiter::judge::{
     BatchOutcome, BucketOp, Estimate, EstimateRecord, EstimateTable, Report, Settlement, judge,
 };
 use fikra_ratelimit::store::redis::RedisOptions;
-use fikra_ratelimit::store::{Batch, MemoryStore, RedisStore, Store, StoreError};
+use fikra_ratelimit::store::{Batch, Guarded, MemoryStore, RecordGuard, RedisStore, Store, StoreError};
 use redis_server::{RedisCluster, RedisSentinel, RedisServer};
 
 const TTL_SLACK: Duration = Duration::from_secs(5);
@@ -145,6 +145,33 @@ impl<'a> Harness<'a> {
 
     async fn apply(&self, ops: Vec<BucketOp>) -> BatchOutcome {
         self.store.apply(&batch(ops)).await.expect("the store judges the batch")
+    }
+
+    /// Key of this test's account key record, in the hash slot of
+    /// [`bucket`](Self::bucket).
+    fn record_key(&self) -> String {
+        format!("frl1:{{t{}}}:a", self.tag)
+    }
+
+    /// Stores `value` under the account key record key `key`, as an account
+    /// change does.
+    fn set_record(&self, key: &str, value: &str) {
+        match &self.backend {
+            Backend::Memory(memory) => {
+                let accounts = memory.accounts();
+                let current = accounts.get(key);
+                assert!(accounts.compare_and_set(key, current.as_deref(), value), "set the record {key}");
+            }
+            Backend::Redis(server) => assert_eq!(server.cli(&["SET", key, value]), "OK"),
+            Backend::Cluster(cluster) => assert_eq!(cluster.cli(&["SET", key, value]), "OK"),
+            Backend::Sentinel(sentinel) => assert_eq!(sentinel.primary().cli(&["SET", key, value]), "OK"),
+        }
+    }
+
+    /// Applies `ops` with one guard expecting `expected` at `record_key`.
+    async fn apply_guarded(&self, ops: Vec<BucketOp>, expected: Option<&str>) -> Guarded {
+        let guard = RecordGuard { key: self.record_key(), expected: expected.map(str::to_owned) };
+        self.store.apply_guarded(&batch(ops), &[guard], None).await.expect("the store judges the guarded batch")
     }
 
     /// Number of buckets the store holds for this test.
@@ -278,9 +305,26 @@ contract_tests!(
     trillion_per_minute_is_exact,
     concurrent_checks_admit_capacity,
     concurrent_checks_across_slots_charge_only_admitted,
+    guard_matching_record_applies,
+    guard_stale_record_touches_nothing,
+    guard_across_slots_matches_one_slot,
 );
 
 // === Contract cases ===
+
+/// Key records as the account store writes them: revision 1 in the
+/// unverified tier, then revision 2 after a top-up.
+const RECORD_BEFORE: &str = "a1|1|acme|unverified|||";
+const RECORD_AFTER: &str = "a1|2|acme|trusted|||";
+
+/// Returns the outcome of a guarded batch that was judged, panicking when
+/// the store found the guard stale.
+fn judged(guarded: Guarded) -> BatchOutcome {
+    match guarded {
+        Guarded::Judged(outcome) => outcome,
+        Guarded::Stale(actual) => panic!("the guard was stale, the store holds {actual:?}"),
+    }
+}
 
 async fn fresh_bucket_is_full(h: &Harness<'_>) {
     let p = slow(10);
@@ -674,6 +718,71 @@ async fn concurrent_checks_across_slots_charge_only_admitted(h: &Harness<'_>) {
     let out = h.apply(vec![check(&small, ps, 0), check(&large, pl, 0)]).await;
     assert_eq!(left(&out, 0, &ps), 0);
     assert_eq!(left(&out, 1, &pl), 970, "only the admitted checks stay charged on the large bucket");
+}
+
+async fn guard_matching_record_applies(h: &Harness<'_>) {
+    let a = h.bucket("a");
+    let p = slow(10);
+
+    // No record stored and none expected.
+    let out = judged(h.apply_guarded(vec![check(&a, p, 3)], None).await);
+    assert!(out.allowed);
+    assert!(out.buckets[0].charged);
+    assert_eq!(left(&out, 0, &p), 7);
+
+    h.set_record(&h.record_key(), RECORD_BEFORE);
+    let out = judged(h.apply_guarded(vec![check(&a, p, 3)], Some(RECORD_BEFORE)).await);
+    assert!(out.allowed);
+    assert!(out.buckets[0].charged);
+    assert_eq!(left(&out, 0, &p), 4);
+}
+
+async fn guard_stale_record_touches_nothing(h: &Harness<'_>) {
+    let (a, b) = (h.bucket("a"), h.bucket("b"));
+    let p = slow(10);
+    h.set_record(&h.record_key(), RECORD_AFTER);
+
+    // A check and a report, which applies even when checks deny, both wait
+    // for a guard that holds.
+    let ops = || vec![check(&a, p, 3), report(&b, p, 4, None)];
+    let stale = h.apply_guarded(ops(), Some(RECORD_BEFORE)).await;
+    assert_eq!(stale, Guarded::Stale(vec![Some(RECORD_AFTER.to_owned())]), "an older record expected");
+    let stale = h.apply_guarded(ops(), None).await;
+    assert_eq!(stale, Guarded::Stale(vec![Some(RECORD_AFTER.to_owned())]), "no record expected");
+    assert_eq!(h.stored_buckets(), 0, "a stale guard stored a bucket");
+
+    let out = h.apply(vec![check(&a, p, 0), check(&b, p, 0)]).await;
+    assert_eq!(left(&out, 0, &p), 10, "a stale guard charged the check");
+    assert_eq!(left(&out, 1, &p), 10, "a stale guard applied the report");
+
+    // Expecting a record where none is stored is stale too.
+    let missing = RecordGuard { key: format!("{}-missing", h.record_key()), expected: Some(RECORD_BEFORE.to_owned()) };
+    let stale = h.store.apply_guarded(&batch(ops()), &[missing], None).await.expect("the store judges the guarded batch");
+    assert_eq!(stale, Guarded::Stale(vec![None]));
+    assert_eq!(h.stored_buckets(), 0, "a stale guard stored a bucket");
+
+    // With the actual record as its guess, the same batch applies.
+    let out = judged(h.apply_guarded(ops(), Some(RECORD_AFTER)).await);
+    assert!(out.allowed);
+    assert_eq!(left(&out, 0, &p), 7);
+    assert_eq!(left(&out, 1, &p), 6);
+}
+
+async fn guard_across_slots_matches_one_slot(h: &Harness<'_>) {
+    let (a, b) = (h.bucket("a"), h.bucket_elsewhere("b"));
+    let p = slow(10);
+    h.set_record(&h.record_key(), RECORD_AFTER);
+
+    let stale = h.apply_guarded(vec![check(&a, p, 2), check(&b, p, 2)], Some(RECORD_BEFORE)).await;
+    assert_eq!(stale, Guarded::Stale(vec![Some(RECORD_AFTER.to_owned())]));
+    let out = h.apply(vec![check(&a, p, 0), check(&b, p, 0)]).await;
+    assert_eq!(left(&out, 0, &p), 10, "a stale guard charged the bucket in the record's slot");
+    assert_eq!(left(&out, 1, &p), 10, "a stale guard charged the bucket in another slot");
+
+    let out = judged(h.apply_guarded(vec![check(&a, p, 2), check(&b, p, 2)], Some(RECORD_AFTER)).await);
+    assert!(out.allowed);
+    assert_eq!(left(&out, 0, &p), 8);
+    assert_eq!(left(&out, 1, &p), 8);
 }
 
 // === Redis only ===
