@@ -23,7 +23,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::limiter::judge::Settlement;
-use crate::limiter::{Decision, DescriptorKind, DescriptorStatus, Outcome};
+use crate::limiter::{Decision, Denial, DescriptorKind, DescriptorStatus, Outcome};
 use crate::store::Store;
 
 /// The prefix of every metric name.
@@ -359,6 +359,11 @@ impl Metrics {
         }
         if decision.unknown_domain {
             self.unknown_domain.inc();
+            return;
+        }
+        // A value over its bound is denied before any rule is matched, so
+        // its descriptors are neither checks nor unmatched.
+        if matches!(decision.denial, Some(Denial::ValueTooLong { .. })) {
             return;
         }
         for status in &decision.statuses {

@@ -38,6 +38,10 @@ pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
 /// How often the store's health is checked.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The longest wait for the metrics port's connections after the gRPC
+/// server has stopped.
+const HTTP_DRAIN: Duration = Duration::from_secs(1);
+
 /// The default time from the shutdown signal to exit.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -172,7 +176,8 @@ pub async fn run_with(
     health_task.abort();
     let _ = stop_http.send(());
     if let Some(task) = http_task {
-        let _ = task.await;
+        // An idle keep-alive connection from a scraper must not hold the exit.
+        let _ = tokio::time::timeout(HTTP_DRAIN, task).await;
     }
     info!(listen.addr = ?address, "Server stopped");
     Ok(result?)

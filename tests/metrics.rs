@@ -136,6 +136,11 @@ async fn metrics_equal_scripted_calls() {
     overridden.limit = Some(RateLimitOverride { requests_per_unit: 5, unit: 0, unit_multiplier: None });
     assert_eq!(call(&mut client, rls_request("fikra", vec![overridden])).await, Code::Ok);
 
+    // A value over the 16 KiB bound is denied before any rule is matched.
+    let long = "v".repeat(16 * 1024 + 1);
+    let request = rls_request("fikra", vec![descriptor(&[("api_key", &long), ("meter", "requests")], None)]);
+    assert_eq!(call(&mut client, request).await, Code::OverLimit);
+
     // Invalid calls: an empty domain, and no descriptors.
     let invalid = client.should_rate_limit(rls_request("", vec![descriptor(&[("api_key", key)], None)])).await;
     assert_eq!(invalid.expect_err("invalid").code(), tonic::Code::InvalidArgument);
@@ -147,7 +152,7 @@ async fn metrics_equal_scripted_calls() {
     // 3 + 2 + 30 checks, 2 token checks, 6 reports, 1 debt report,
     // 1 unmatched and 1 override call.
     assert_eq!(calls("fikra", "ok"), 46.0);
-    assert_eq!(calls("fikra", "over_limit"), 1.0);
+    assert_eq!(calls("fikra", "over_limit"), 2.0, "the 31st check and the over-long value");
     assert_eq!(calls("(unknown)", "ok"), 4.0);
     assert_eq!(calls("(unknown)", "invalid_argument"), 1.0);
     assert_eq!(calls("fikra", "invalid_argument"), 1.0);
