@@ -1,5 +1,6 @@
 //! Options of the Redis store: deadlines, the failure mode and bounds.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -33,6 +34,11 @@ pub struct StoreArgs {
     /// reconnection attempt.
     #[arg(long, env = "FIKRA_REDIS_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_positive_duration)]
     pub redis_connect_timeout: Duration,
+    /// PEM file of the CA certificates that Redis servers must chain to,
+    /// for a rediss:// URL with a private CA. Without it the system's roots
+    /// apply (SSL_CERT_FILE or SSL_CERT_DIR can replace them).
+    #[arg(long, env = "FIKRA_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -43,6 +49,7 @@ impl StoreArgs {
             store_timeout: self.store_timeout,
             max_in_flight: self.max_in_flight as usize,
             pool_size: self.redis_pool_size as usize,
+            ca_file: self.redis_ca_file.clone(),
             ..RedisOptions::default()
         }
     }

@@ -65,9 +65,12 @@
 //!   [`StoreError::TimedOut`]. Redis may still run a script that was already
 //!   sent, so a timed-out check may have been charged.
 //! - At most [`RedisOptions::max_in_flight`] calls are in flight; more fail
-//!   at once with [`StoreError::Busy`]. Commands are never retried after a
-//!   connection loss (the script may have run), and fail at once while the
-//!   client reconnects, so no work queues while Redis is away. A connection
+//!   at once with [`StoreError::Busy`]. After 3 calls in a row time out (a
+//!   frozen Redis keeps its connections open), calls fail at once except
+//!   one probe per 100 ms, until a call gets an answer.
+//! - Commands are never retried after a connection loss (the script may
+//!   have run), and fail at once while the client reconnects, so no work
+//!   queues while Redis is away. A connection
 //!   with a command unanswered for [`RedisOptions::unresponsive_after`] is
 //!   closed and reconnected, which drops what waited on it.
 //! - A `READONLY` or `CLUSTERDOWN` reply, a closed connection or a failover
@@ -76,10 +79,12 @@
 //!   restarted or newly promoted node) sends the script text once with
 //!   `EVAL`, which caches it on that node.
 
+mod breaker;
 mod checks;
 mod script;
 mod slots;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,7 +92,7 @@ use fred::bytes_utils::Str;
 use fred::interfaces::{ClientLike, EventInterface, LuaInterface};
 use fred::prelude::{Builder, Config, Error as RedisError, ErrorKind, Options, Pool, ReconnectPolicy, Value};
 use fred::types::config::UnresponsiveConfig;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::limiter::judge::{BatchOutcome, BucketOp};
@@ -146,6 +151,10 @@ pub struct RedisOptions {
     /// How long a hold of a call spanning several cluster slots, or its
     /// tombstone, is kept.
     pub hold_ttl: Duration,
+    /// PEM file of the CAs a TLS URL's servers must chain to, instead of
+    /// the system's roots (which `SSL_CERT_FILE` and `SSL_CERT_DIR` can
+    /// also replace).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisOptions {
@@ -159,6 +168,7 @@ impl Default for RedisOptions {
             reconnect_max_delay: Duration::from_secs(1),
             unresponsive_after: Duration::from_secs(2),
             hold_ttl: Duration::from_secs(60),
+            ca_file: None,
         }
     }
 }
@@ -180,6 +190,7 @@ struct Inner {
     /// Permits for background releases of holds.
     releases: Arc<Semaphore>,
     faults: StoreFaults,
+    breaker: breaker::Breaker,
     /// Servers named in the URL, for logs; never the URL, which may carry a
     /// password.
     servers: Vec<String>,
@@ -238,8 +249,17 @@ impl RedisStore {
         if url.starts_with("rediss") || url.starts_with("valkeys") {
             install_tls_provider();
         }
-        let config = Config::from_url(url)
+        let mut config = Config::from_url(url)
             .map_err(|error| StoreError::Unavailable(format!("invalid Redis URL: {}", error.details())))?;
+        if let Some(ca_file) = &options.ca_file {
+            if config.tls.is_none() {
+                return Err(StoreError::Unavailable(format!(
+                    "the Redis CA file {} needs a TLS URL; use rediss://, rediss-cluster:// or rediss-sentinel://",
+                    ca_file.display()
+                )));
+            }
+            config.tls = Some(trusting(ca_file)?.into());
+        }
         let topology = if config.server.is_clustered() {
             Topology::Cluster
         } else if config.server.is_sentinel() {
@@ -305,6 +325,7 @@ impl RedisStore {
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 releases: Arc::new(Semaphore::new(max_in_flight)),
                 faults: StoreFaults::new(),
+                breaker: breaker::Breaker::new(),
                 servers,
                 noscript_log: Throttle::new(),
                 release_log: Throttle::new(),
@@ -336,18 +357,7 @@ impl RedisStore {
     /// count exactly, a stored value it cannot read, or a reply this code
     /// cannot read.
     pub async fn apply_within(&self, batch: &Batch, budget: Option<Duration>) -> Result<BatchOutcome, StoreError> {
-        for op in &batch.ops {
-            script::check_exact(&op.params, &op.key)?;
-        }
-        let cap = self.inner.options.store_timeout;
-        let deadline = Deadline::after(budget.map_or(cap, |budget| budget.min(cap)));
-
-        let Ok(permit) = self.inner.in_flight.clone().try_acquire_owned() else {
-            let error = StoreError::Busy(self.inner.options.max_in_flight);
-            self.inner.faults.record(&error);
-            return Err(error);
-        };
-
+        let (deadline, permit) = self.begin(batch, budget)?;
         let groups = match self.inner.topology {
             Topology::Cluster => slots::group_by_slot(&batch.ops)?,
             Topology::Standalone | Topology::Sentinel => vec![(0..batch.ops.len()).collect()],
@@ -359,11 +369,56 @@ impl RedisStore {
             drop(permit);
             result
         };
+        self.finish(&result);
+        result
+    }
 
-        if let Err(error) = &result {
+    /// Starts a store call: checks the parameters, the circuit breaker and
+    /// the in-flight bound, and derives the deadline from `budget`.
+    fn begin(&self, batch: &Batch, budget: Option<Duration>) -> Result<(Deadline, OwnedSemaphorePermit), StoreError> {
+        for op in &batch.ops {
+            script::check_exact(&op.params, &op.key)?;
+        }
+        let cap = self.inner.options.store_timeout;
+        let deadline = Deadline::after(budget.map_or(cap, |budget| budget.min(cap)));
+
+        if !self.inner.breaker.admit() {
+            let error = StoreError::Unavailable(format!(
+                "Redis did not answer {} calls in a row in time; failing at once until a probe call gets an answer",
+                breaker::TRIP_AFTER
+            ));
+            self.inner.faults.record(&error);
+            return Err(error);
+        }
+        let Ok(permit) = self.inner.in_flight.clone().try_acquire_owned() else {
+            let error = StoreError::Busy(self.inner.options.max_in_flight);
+            self.inner.faults.record(&error);
+            return Err(error);
+        };
+        Ok((deadline, permit))
+    }
+
+    /// Ends a store call: counts its fault and tells the circuit breaker
+    /// whether Redis answered.
+    fn finish<T>(&self, result: &Result<T, StoreError>) {
+        let change = match result {
+            // An unreadable reply is still an answer.
+            Ok(_) | Err(StoreError::Protocol(_)) => self.inner.breaker.answered(),
+            Err(StoreError::TimedOut(_)) => self.inner.breaker.timed_out(),
+            Err(StoreError::Unavailable(_) | StoreError::Busy(_)) => breaker::Change::Unchanged,
+        };
+        if let Err(error) = result {
             self.inner.faults.record(error);
         }
-        result
+        match change {
+            breaker::Change::Opened => tracing::warn!(
+                redis.servers = ?self.inner.servers,
+                probe_interval = ?breaker::PROBE_INTERVAL,
+                "Redis stopped answering in time; failing calls at once and probing"
+            ),
+            breaker::Change::Closed => tracing::info!(redis.servers = ?self.inner.servers, "Redis answers again"),
+            breaker::Change::Unchanged => {}
+        }
     }
 
     /// Checks that Redis can judge batches: every primary the client routes
@@ -421,16 +476,7 @@ impl RedisStore {
             return self.apply_within(batch, budget).await.map(Guarded::Judged);
         }
 
-        for op in &batch.ops {
-            script::check_exact(&op.params, &op.key)?;
-        }
-        let cap = self.inner.options.store_timeout;
-        let deadline = Deadline::after(budget.map_or(cap, |budget| budget.min(cap)));
-        let Ok(permit) = self.inner.in_flight.clone().try_acquire_owned() else {
-            let error = StoreError::Busy(self.inner.options.max_in_flight);
-            self.inner.faults.record(&error);
-            return Err(error);
-        };
+        let (deadline, permit) = self.begin(batch, budget)?;
         let call = Invocation {
             mode: Mode::Judge,
             hold: None,
@@ -447,9 +493,7 @@ impl RedisStore {
         }
         .await;
         drop(permit);
-        if let Err(error) = &result {
-            self.inner.faults.record(error);
-        }
+        self.finish(&result);
         result
     }
 
@@ -540,6 +584,24 @@ enum ScriptRef {
 fn install_tls_provider() {
     // An error means a provider is already installed, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds a TLS client that trusts only the CA certificates in `ca_file`.
+fn trusting(ca_file: &Path) -> Result<fred::types::config::TlsConnector, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let invalid = |reason: String| StoreError::Unavailable(format!("invalid Redis CA file {}: {reason}", ca_file.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|error| invalid(error.to_string()))? {
+        let cert = cert.map_err(|error| invalid(error.to_string()))?;
+        roots.add(cert).map_err(|error| invalid(error.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid("it holds no PEM certificate".into()));
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    Ok(config.into())
 }
 
 /// Loads [`BUCKET_SCRIPT`] on every primary (in a cluster) or on the one
