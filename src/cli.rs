@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// File holding the bearer token every admin call must present.
     #[arg(long, env = "FIKRA_ADMIN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Milliseconds a bucket known to be empty or in debt is denied
+    /// locally, without a store round trip; 0 turns this off. A credit or
+    /// promotion made through another replica can be missed for this long.
+    #[arg(long, env = "FIKRA_DENY_CACHE_MS", default_value_t = 0)]
+    pub deny_cache_ms: u64,
     #[command(flatten)]
     pub bounds: BoundsArgs,
     #[command(flatten)]
@@ -141,6 +146,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = LimiterSettings {
         bounds: args.bounds.request_bounds(),
         failure_mode: args.store.failure_mode,
+        deny_cache_max_age: std::time::Duration::from_millis(args.deny_cache_ms),
         ..LimiterSettings::default()
     };
     let limiter = Limiter::new(limits, store, settings);
