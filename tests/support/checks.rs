@@ -68,6 +68,12 @@ impl Timed {
         matches!(&self.result, Err(status) if status.code() == tonic::Code::Unavailable)
     }
 
+    /// Whether tonic cancelled the call at its gRPC deadline, before the
+    /// service's answer was out. Envoy treats it like any gRPC error.
+    pub fn is_cancelled_at_deadline(&self) -> bool {
+        matches!(&self.result, Err(status) if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired")
+    }
+
     /// Whether the answer follows the failure mode `allow`: allowed, with no
     /// rate-limit headers and no limit in any status.
     pub fn is_fail_open(&self) -> bool {
