@@ -8,32 +8,32 @@ use crate::store::memory::MemoryBounds;
 /// Request and memory bounds of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct BoundsArgs {
-    /// Longest domain in bytes; a longer one is rejected with INVALID_ARGUMENT.
+    /// Maximum domain length in bytes; a longer domain is rejected with INVALID_ARGUMENT.
     #[arg(long, env = "FIKRA_MAX_DOMAIN_BYTES", default_value_t = RequestBounds::DEFAULT_MAX_DOMAIN_LEN, value_parser = at_least_one)]
     pub max_domain_bytes: usize,
-    /// Most descriptors in one request; more are rejected with INVALID_ARGUMENT.
+    /// Maximum number of descriptors in one request; more are rejected with INVALID_ARGUMENT.
     #[arg(long, env = "FIKRA_MAX_DESCRIPTORS", default_value_t = RequestBounds::DEFAULT_MAX_DESCRIPTORS, value_parser = at_least_one)]
     pub max_descriptors: usize,
-    /// Most entries in one descriptor; more are rejected with INVALID_ARGUMENT.
+    /// Maximum number of entries in one descriptor; more are rejected with INVALID_ARGUMENT.
     #[arg(long, env = "FIKRA_MAX_ENTRIES", default_value_t = RequestBounds::DEFAULT_MAX_ENTRIES, value_parser = at_least_one)]
     pub max_entries: usize,
-    /// Longest entry key in bytes; a longer one is rejected with INVALID_ARGUMENT.
+    /// Maximum entry key length in bytes; a longer key is rejected with INVALID_ARGUMENT.
     #[arg(long, env = "FIKRA_MAX_KEY_BYTES", default_value_t = RequestBounds::DEFAULT_MAX_KEY_LEN, value_parser = at_least_one)]
     pub max_key_bytes: usize,
-    /// Longest entry value in bytes; a longer one is denied (OVER_LIMIT with
-    /// x-should-retry: false), because clients choose values.
+    /// Maximum entry value length in bytes; a longer value is denied (OVER_LIMIT
+    /// with x-should-retry: false), because clients choose values.
     #[arg(long, env = "FIKRA_MAX_VALUE_BYTES", default_value_t = RequestBounds::DEFAULT_MAX_VALUE_LEN, value_parser = at_least_one)]
     pub max_value_bytes: usize,
-    /// Largest request message in bytes; gRPC rejects a larger one with
-    /// OUT_OF_RANGE before decoding it.
+    /// Maximum request message size in bytes; gRPC rejects a larger message
+    /// with OUT_OF_RANGE before decoding it.
     #[arg(long, env = "FIKRA_MAX_MESSAGE_BYTES", default_value_t = RequestBounds::DEFAULT_MAX_MESSAGE_BYTES, value_parser = at_least_one)]
     pub max_message_bytes: usize,
-    /// Most buckets the in-memory store holds; past it, the least used are
-    /// evicted and their callers regain those units.
+    /// Maximum number of buckets in the in-memory store; past it, the least
+    /// used are evicted and their callers regain those units.
     #[arg(long, env = "FIKRA_MAX_BUCKETS", default_value_t = MemoryBounds::DEFAULT_MAX_BUCKETS, value_parser = at_least_one)]
     pub max_buckets: usize,
-    /// Most token estimates the in-memory store remembers; past it, the
-    /// oldest are evicted and their reports are charged in full.
+    /// Maximum number of token estimates the in-memory store remembers; past
+    /// it, the oldest are evicted and their reports are charged in full.
     #[arg(long, env = "FIKRA_MAX_ESTIMATES", default_value_t = MemoryBounds::DEFAULT_MAX_ESTIMATES, value_parser = at_least_one)]
     pub max_estimates: usize,
 }

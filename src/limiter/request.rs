@@ -45,18 +45,18 @@ pub struct LimitOverride {
 /// over-long value is denied instead (see [`RequestBounds::max_value_len`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestBounds {
-    /// Longest domain in bytes.
+    /// Maximum domain length in bytes.
     pub max_domain_len: usize,
     pub max_descriptors: usize,
-    /// Most entries in one descriptor.
+    /// Maximum number of entries in one descriptor.
     pub max_entries: usize,
-    /// Longest entry key in bytes.
+    /// Maximum entry key length in bytes.
     pub max_key_len: usize,
-    /// Longest entry value in bytes; a longer value is denied, not rejected,
-    /// because clients control values.
+    /// Maximum entry value length in bytes. A longer value is denied, not
+    /// rejected, because clients control values.
     pub max_value_len: usize,
-    /// Largest encoded request the gRPC server decodes, in bytes; a larger
-    /// one is rejected with OUT_OF_RANGE before it is decoded.
+    /// Maximum encoded request size in bytes. The gRPC server rejects a larger
+    /// request with OUT_OF_RANGE before it decodes it.
     pub max_message_bytes: usize,
 }
 

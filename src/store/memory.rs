@@ -9,7 +9,7 @@
 //!
 //! # Bounds
 //!
-//! The store holds at most [`MemoryBounds::max_buckets`] buckets and
+//! The store contains at most [`MemoryBounds::max_buckets`] buckets and
 //! [`MemoryBounds::max_estimates`] remembered estimates. A batch that would
 //! store a new bucket past the bound first evicts the fullest (least used,
 //! relative to its capacity) of [`EVICTION_SAMPLES`] buckets picked at
@@ -59,7 +59,7 @@ impl Default for MemoryBounds {
     }
 }
 
-/// What the store holds and what its bounds have cost, for metrics.
+/// Counts of stored entries and of evictions, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryStats {
     pub buckets: usize,
@@ -109,12 +109,12 @@ struct StoredBucket {
 }
 
 impl MemoryStore {
-    /// A store with the default bounds.
+    /// Creates a store with the default bounds.
     pub fn new(clock: Clock) -> Self {
         Self::with_bounds(clock, MemoryBounds::default())
     }
 
-    /// A store that holds at most `bounds` entries (each at least 1).
+    /// Creates a store that keeps at most `bounds` entries (each at least 1).
     pub fn with_bounds(clock: Clock, bounds: MemoryBounds) -> Self {
         let bounds = MemoryBounds { max_buckets: bounds.max_buckets.max(1), max_estimates: bounds.max_estimates.max(1) };
         let tables = Tables { buckets: Table::default(), estimates: Table::default(), random: Random(0x853c_49e6_748f_ea9b) };
@@ -195,7 +195,7 @@ impl MemoryStore {
         &self.clock
     }
 
-    /// The bounds in force.
+    /// Returns the bounds in force.
     pub fn bounds(&self) -> MemoryBounds {
         self.bounds
     }
@@ -402,7 +402,7 @@ impl<T> Table<T> {
 struct Random(u64);
 
 impl Random {
-    /// A number in `0..bound` (`bound` at least 1).
+    /// Returns a number in `0..bound` (`bound` at least 1).
     fn below(&mut self, bound: usize) -> usize {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
