@@ -173,18 +173,27 @@ async fn c16_frozen_redis_answers_by_deadline() {
     assert!(recovered <= Duration::from_secs(5), "first correct answer {recovered:?} after Redis returned");
     let settled = returned + recovered + Duration::from_millis(500);
 
+    // Once Redis is back, a call that Redis answers too slowly for the
+    // 15 ms budget (a loaded machine) still gets the failure mode; that must
+    // stay rare.
     let mut outage = 0;
     let mut unavailable = 0;
+    let mut healthy = 0;
+    let mut healthy_failures = 0;
     let mut excused = Vec::new();
     for sent in &sent {
         let answer = &sent.answer;
+        let failure_mode = answer.is_unavailable() || answer.is_cancelled_at_deadline();
         let in_outage = sent.at >= outage_start && sent.at < restarting;
         outage += usize::from(in_outage);
         unavailable += usize::from(in_outage && answer.is_unavailable());
+        let after_recovery = sent.at >= settled;
+        healthy += usize::from(after_recovery);
+        healthy_failures += usize::from(after_recovery && failure_mode);
         let expected = if in_outage {
-            answer.is_unavailable() || answer.is_cancelled_at_deadline()
-        } else if sent.at >= settled {
-            answer.is_decided_ok()
+            failure_mode
+        } else if after_recovery {
+            answer.is_decided_ok() || failure_mode
         } else {
             true
         };
@@ -203,6 +212,10 @@ async fn c16_frozen_redis_answers_by_deadline() {
     assert!(unavailable * 2 >= outage, "only {unavailable} of {outage} outage answers were UNAVAILABLE");
     eprintln!("{unavailable} of {outage} outage answers were UNAVAILABLE, the others CANCELLED at the deadline");
     assert!(excused.len() * 4 <= sent.len(), "{} of {} answers needed excusing", excused.len(), sent.len());
+    assert!(
+        healthy_failures * 50 <= healthy,
+        "{healthy_failures} of {healthy} answers after the recovery got the failure mode"
+    );
 
     assert!(most_in_flight <= MAX_IN_FLIGHT, "{most_in_flight} store calls in flight");
     let growth = memory_frozen.saturating_sub(memory_before);

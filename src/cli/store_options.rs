@@ -12,9 +12,10 @@ use crate::store::redis::RedisOptions;
 /// Store options of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// Upper bound of every store call, such as 250ms. A call also ends at
-    /// the deadline the caller sends (gRPC `grpc-timeout`; Envoy sends 20ms
-    /// unless configured otherwise), whichever comes first.
+    /// Upper bound of every store call, such as 250ms. The deadline the
+    /// caller sends (gRPC grpc-timeout; Envoy sends 20ms unless configured
+    /// otherwise), less a quarter of it for the rest of the call, wins
+    /// when it is shorter.
     #[arg(long, env = "FIKRA_STORE_TIMEOUT", default_value = "250ms", value_parser = parse_positive_duration)]
     pub store_timeout: Duration,
     /// The answer when the store cannot judge a call in time: `unavailable`

@@ -197,6 +197,7 @@ struct Inner {
     noscript_log: Throttle,
     release_log: Throttle,
     role_log: Throttle,
+    breaker_log: Throttle,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -330,6 +331,7 @@ impl RedisStore {
                 noscript_log: Throttle::new(),
                 release_log: Throttle::new(),
                 role_log: Throttle::new(),
+                breaker_log: Throttle::new(),
             }),
         };
         checks::warn_about_settings(&store).await;
@@ -410,14 +412,20 @@ impl RedisStore {
         if let Err(error) = result {
             self.inner.faults.record(error);
         }
+        if change == breaker::Change::Unchanged {
+            return;
+        }
+        // A Redis on the edge of its deadline may open and close the
+        // breaker often, so these lines are throttled together.
+        let Some(suppressed) = self.inner.breaker_log.allow() else { return };
         match change {
             breaker::Change::Opened => tracing::warn!(
                 redis.servers = ?self.inner.servers,
                 probe_interval = ?breaker::PROBE_INTERVAL,
+                suppressed,
                 "Redis stopped answering in time; failing calls at once and probing"
             ),
-            breaker::Change::Closed => tracing::info!(redis.servers = ?self.inner.servers, "Redis answers again"),
-            breaker::Change::Unchanged => {}
+            _ => tracing::info!(redis.servers = ?self.inner.servers, suppressed, "Redis answers in time again"),
         }
     }
 
