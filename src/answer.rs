@@ -1,4 +1,4 @@
-//! What a decision tells the client: the `x-ratelimit-*` headers, and on a
+//! The client's view of a decision: the `x-ratelimit-*` headers, and on a
 //! denial `retry-after` and the JSON body Envoy returns with the 429.
 
 use std::fmt::Write as _;
@@ -75,7 +75,7 @@ fn remaining_header(meter: Meter) -> &'static str {
     }
 }
 
-/// The JSON body of a denial.
+/// Builds the JSON body of a denial.
 pub fn body(denial: &Denial) -> String {
     let error = match denial {
         Denial::OverLimit { limit, meter, .. } => ErrorBody {

@@ -3,8 +3,8 @@
 //! When the store denies a call, the states of its buckets are kept here
 //! with the store clock they were read at. A later call naming the same
 //! buckets with the same limits is judged against those states projected to
-//! now (refill continues while they sit here); if that projection still
-//! cannot pay, the call is denied without a store round trip. The moment a
+//! now, since refill continues while they sit here. If that projection
+//! still cannot pay, the call is denied without a store round trip. The moment a
 //! projection could admit, the call goes to the store, so the cache never
 //! denies past the time the bucket could admit again on its own.
 //!

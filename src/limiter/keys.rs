@@ -73,7 +73,7 @@ fn field(hasher: &mut Hasher, value: &str) {
 }
 
 /// Appends the first `chars` base64url characters of `bytes` (`chars` a
-/// multiple of 4, so every character holds six whole bits).
+/// multiple of 4, so every character encodes six whole bits).
 fn push_base64(out: &mut String, bytes: &[u8], chars: usize) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     for group in bytes.chunks(3).take(chars / 4) {
