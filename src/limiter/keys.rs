@@ -1,10 +1,10 @@
 //! Store key names.
 //!
-//! A key never contains an API key or any other entry value in clear text:
-//! entries are hashed with BLAKE3, so every key has a fixed length (42
-//! bytes, short enough for Redis to keep its name in a 48-byte allocation)
-//! whatever the values, and each value is hashed once, so an 8 KiB
-//! value costs little more than a short one. The layout is versioned (`frl1`), so a
+//! A key never contains an API key or any other entry value in clear text.
+//! Entries are hashed with BLAKE3, so every key has a fixed length of 42
+//! bytes whatever the values, short enough for Redis to keep its name in a
+//! 48-byte allocation. Each value is hashed once, so an 8 KiB value costs
+//! little more than a short one. The layout is versioned (`frl1`), so a
 //! service that reads another layout never misreads it. All keys of one
 //! descriptor's first entry (in the Fikra configuration, the API key) share
 //! one Redis Cluster hash tag, so one script judges a key's requests and
