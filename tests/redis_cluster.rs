@@ -2,7 +2,8 @@
 //! every primary with each key's buckets in one slot, no slot error ever
 //! reaching a caller, the failure mode while a primary is lost, recovery
 //! after a failover without a restart, a batch spanning slots released when
-//! a slot stalls, and replicas sharing one cluster.
+//! a slot stalls, the script sent again after NOSCRIPT, and replicas sharing
+//! one cluster.
 
 #[path = "support/checks.rs"]
 mod checks;
@@ -220,6 +221,41 @@ async fn cross_slot_hold_released_after_stall() {
     }
     assert!(store.faults().holds_released.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     assert!(store.faults().timeouts.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_reloads_flushed_script() {
+    let cluster = RedisCluster::start(3, 0);
+    let store = connect(&cluster).await;
+    let params = BucketParams::new(10, 86_400_000, 10).expect("exact params");
+    let api_keys: Vec<String> = (0..30).map(|n| format!("noscript-{n}")).collect();
+    let batch = |cost| Batch {
+        ops: api_keys
+            .iter()
+            .map(|api_key| BucketOp {
+                key: requests_key(api_key),
+                params,
+                check: Some(cost),
+                shadow: false,
+                credit: 0,
+                reports: Vec::new(),
+                estimates: Vec::new(),
+            })
+            .collect(),
+        ttl_slack: Duration::from_secs(2),
+        estimate_ttl: Duration::from_secs(600),
+    };
+    let out = store.apply(&batch(1)).await.expect("a decision across every primary");
+    assert!(out.allowed);
+
+    // A restarted or promoted primary has no script: every primary forgets it.
+    for port in cluster.primary_ports() {
+        assert_eq!(cluster.node(port).cli(&["SCRIPT", "FLUSH"]), "OK");
+    }
+    let out = store.apply(&batch(1)).await.expect("a decision after NOSCRIPT");
+    assert!(out.allowed);
+    let left: Vec<u64> = out.buckets.iter().map(|bucket| bucket.state.remaining(&params)).collect();
+    assert!(left.iter().all(|left| *left == 8), "each batch ran once: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
