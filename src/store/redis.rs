@@ -70,9 +70,9 @@
 //!   one probe per 100 ms, until a call gets an answer.
 //! - Commands are never retried after a connection loss (the script may
 //!   have run), and fail at once while the client reconnects, so no work
-//!   queues while Redis is away. A connection
-//!   with a command unanswered for [`RedisOptions::unresponsive_after`] is
-//!   closed and reconnected, which drops what waited on it.
+//!   queues while Redis is away. A connection with a command unanswered
+//!   for [`RedisOptions::unresponsive_after`] is closed and reconnected,
+//!   which drops what waited on it.
 //! - A `READONLY` or `CLUSTERDOWN` reply, a closed connection or a failover
 //!   makes the client reconnect with backoff, finding the new primary
 //!   through Sentinel or the cluster's slot map. A `NOSCRIPT` reply (a
