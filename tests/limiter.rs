@@ -209,3 +209,56 @@ async fn shadow_limit_never_denies_or_overcharges() {
     assert!(call(&limiter, request("llm", vec![shadowed(), enforced()])).await.ok());
     assert!(!call(&limiter, request("llm", vec![shadowed(), enforced()])).await.ok());
 }
+
+const PER_MODEL: &str = "
+domain: llm
+entry_roles: {tier: tier}
+tiers:
+  - {name: unverified, display_name: Unverified Tier, default: true}
+  - {name: trusted, display_name: Trusted Tier}
+descriptors:
+  - key: api_key
+    descriptors:
+      - key: model
+        value: large
+        descriptors:
+          - key: meter
+            value: requests
+            meter: requests
+            tier_limits:
+              unverified: {unit: minute, requests_per_unit: 5}
+              trusted: {unit: minute, requests_per_unit: 20}
+      - key: model
+        descriptors:
+          - key: meter
+            value: requests
+            meter: requests
+            tier_limits:
+              unverified: {unit: minute, requests_per_unit: 30}
+              trusted: {unit: minute, requests_per_unit: 100}
+";
+
+#[tokio::test]
+async fn per_model_limits_have_own_buckets() {
+    let (limiter, _clock) = limiter(PER_MODEL);
+    let model = |key: &str, model: &str, tier: &str| desc(&[("api_key", key), ("tier", tier), ("model", model), ("meter", "requests")]);
+
+    let mut large = Vec::new();
+    for _ in 0..6 {
+        large.push(call(&limiter, request("llm", vec![model("K1", "large", "unverified")])).await.ok());
+    }
+    assert_eq!(large, [true, true, true, true, true, false]);
+
+    let small = call(&limiter, request("llm", vec![model("K1", "small", "unverified")])).await;
+    assert!(small.ok(), "another model has its own bucket");
+    assert_eq!(small.number("x-ratelimit-limit-requests"), 30);
+    assert_eq!(small.number("x-ratelimit-remaining-requests"), 29);
+
+    let promoted = call(&limiter, request("llm", vec![model("K1", "large", "trusted")])).await;
+    assert!(promoted.ok());
+    assert_eq!(promoted.number("x-ratelimit-limit-requests"), 20);
+    assert_eq!(promoted.number("x-ratelimit-remaining-requests"), 14, "the model's used amount is kept");
+
+    let other_key = call(&limiter, request("llm", vec![model("K2", "large", "unverified")])).await;
+    assert_eq!(other_key.number("x-ratelimit-remaining-requests"), 4, "each key has its own bucket per model");
+}
