@@ -262,3 +262,20 @@ async fn per_model_limits_have_own_buckets() {
     let other_key = call(&limiter, request("llm", vec![model("K2", "large", "unverified")])).await;
     assert_eq!(other_key.number("x-ratelimit-remaining-requests"), 4, "each key has its own bucket per model");
 }
+
+#[tokio::test]
+async fn one_bucket_with_two_overrides_reports_one_limit() {
+    const MINUTE: i32 = 2;
+    let (limiter, _clock) = limiter("domain: llm\n");
+    let low = with_override(desc(&[("api_key", "K1")]), 2, MINUTE);
+    let high = with_override(desc(&[("api_key", "K1")]), 100, MINUTE);
+    let answer = call(&limiter, request("llm", vec![low, high])).await;
+
+    let statuses = &answer.decision.statuses;
+    let first = statuses[0].limit.as_ref().expect("limit");
+    let second = statuses[1].limit.as_ref().expect("limit");
+    assert_eq!(first, second, "both descriptors describe the bucket that was judged");
+    for status in statuses {
+        assert!(status.remaining <= status.limit.as_ref().expect("limit").params.capacity);
+    }
+}

@@ -78,6 +78,19 @@ pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBound
         plan.descriptors.push(planned);
     }
 
+    // Descriptors naming one bucket with different limits (different
+    // overrides) share the bucket's parameters, which the first of them set;
+    // every such descriptor reports that first limit, so its status and
+    // headers describe the bucket that was judged.
+    for index in 0..plan.descriptors.len() {
+        let Some(op) = plan.descriptors[index].op else { continue };
+        let first = plan.descriptors.iter().position(|p| p.op == Some(op)).unwrap_or(index);
+        if first != index {
+            let limit = plan.descriptors[first].limit.clone();
+            plan.descriptors[index].limit = limit;
+        }
+    }
+
     // Too large is judged on the summed cost of each bucket; a request with
     // one such check charges nothing, so its checks turn into reads.
     for (index, op) in plan.ops.iter().enumerate() {
