@@ -115,10 +115,13 @@ impl Limiter {
         let api_keys = account_keys(domain, request);
         if api_keys.is_empty() {
             let plan = resolve::plan(domain, request, &self.settings.bounds, &resolve::AccountRecords::new());
-            return self.judge(plan, &[], budget).await.map(|(decision, _)| decision);
+            return match self.judge(plan, &[], budget).await? {
+                Judged::Decided(decision) => Ok(decision),
+                Judged::Stale(_) => unreachable!("a call without guards is never stale"),
+            };
         }
 
-        // Plan with the key records last seen; when the store holds others,
+        // Plan with the key records last seen. When the store has others,
         // learn them and plan again (see the `accounts` module).
         let started = Instant::now();
         for _ in 0..MAX_ACCOUNT_ATTEMPTS {
@@ -134,8 +137,8 @@ impl Limiter {
             let plan = resolve::plan(domain, request, &self.settings.bounds, &records);
             let remaining = budget.map(|budget| budget.saturating_sub(started.elapsed()));
             match self.judge(plan, &guards, remaining).await? {
-                (decision, None) => return Ok(decision),
-                (_, Some(actual)) => {
+                Judged::Decided(decision) => return Ok(decision),
+                Judged::Stale(actual) => {
                     for (guard, record) in guards.iter().zip(actual) {
                         self.records.learn(&guard.key, record);
                     }
@@ -146,15 +149,15 @@ impl Limiter {
     }
 
     /// Judges a plan, guarded by `guards`. Returns the decision, or the
-    /// actual key records when a guard did not hold.
+    /// actual key records when a guard did not match.
     async fn judge(
         &self,
         plan: resolve::Plan,
         guards: &[RecordGuard],
         budget: Option<Duration>,
-    ) -> Result<(Decision, Option<Vec<Option<String>>>), LimiterError> {
+    ) -> Result<Judged, LimiterError> {
         if let Some(decision) = plan.early_decision() {
-            return Ok((decision, None));
+            return Ok(Judged::Decided(decision));
         }
 
         let batch = Batch {
@@ -173,7 +176,7 @@ impl Limiter {
             let started = Instant::now();
             let outcome = match self.store.apply_guarded(&batch, guards, budget).await? {
                 Guarded::Judged(outcome) => outcome,
-                Guarded::Stale(actual) => return Ok((Decision::unknown_domain(0), Some(actual))),
+                Guarded::Stale(actual) => return Ok(Judged::Stale(actual)),
             };
             store_elapsed = Some(started.elapsed());
             self.deny_cache.learn(&batch.ops, &outcome);
@@ -181,8 +184,15 @@ impl Limiter {
         };
         let mut decision = decision::read(&plan.descriptors, &batch.ops, outcome.as_ref(), plan.too_large);
         decision.store_elapsed = store_elapsed;
-        Ok((decision, None))
+        Ok(Judged::Decided(decision))
     }
+}
+
+/// The result of judging one plan.
+enum Judged {
+    Decided(Decision),
+    /// A guard did not match: the key records the store has, one per guard.
+    Stale(Vec<Option<String>>),
 }
 
 /// Checks of one call planned before it fails: the first guess, the
