@@ -45,8 +45,7 @@ pub struct DescriptorStatus {
     pub facts: DescriptorFacts,
 }
 
-/// What the limiter knows about one descriptor beyond its answer, for
-/// metrics and logs. Every text here comes from the configuration, never
+/// Facts about one descriptor beyond its status, for metrics and logs. Every text here comes from the configuration, never
 /// from a descriptor value, so it is safe to use as a metric label.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DescriptorFacts {

@@ -12,7 +12,7 @@ use crate::config::model::{DomainLimits, Node, REPORT_PHASE, Rule};
 use crate::config::{Limit, Meter, Unit};
 use crate::limiter::bucket::BucketParams;
 
-/// What one descriptor asks of its bucket.
+/// The operation one descriptor requests of its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// No rule with a limit matched: allowed, no state touched.
@@ -79,9 +79,9 @@ pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBound
     }
 
     // Descriptors naming one bucket with different limits (different
-    // overrides) share the bucket's parameters, which the first of them set;
-    // every such descriptor reports that first limit, so its status and
-    // headers describe the bucket that was judged.
+    // overrides) share the parameters the first of them set. Every such
+    // descriptor reports that first limit, so its status and headers
+    // describe the bucket that was judged.
     for index in 0..plan.descriptors.len() {
         let Some(op) = plan.descriptors[index].op else { continue };
         let first = plan.descriptors.iter().position(|p| p.op == Some(op)).unwrap_or(index);

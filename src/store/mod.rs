@@ -74,7 +74,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether a retry may succeed.
+    /// Returns whether a retry may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable(_) | Self::TimedOut(_) | Self::Busy(_))
     }
@@ -195,7 +195,7 @@ impl Store {
         }
     }
 
-    /// A short name for logs.
+    /// Returns a short name for logs.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Memory(_) => "memory",
