@@ -79,6 +79,7 @@
 //!   restarted or newly promoted node) sends the script text once with
 //!   `EVAL`, which caches it on that node.
 
+mod batch;
 mod breaker;
 mod checks;
 mod script;
@@ -184,6 +185,8 @@ struct Inner {
     topology: Topology,
     /// SHA-1 of [`BUCKET_SCRIPT`].
     script_sha: Str,
+    /// Groups judge calls into batch commands; none in a cluster.
+    batcher: Option<batch::Batcher>,
     options: RedisOptions,
     /// Permits for store calls in flight.
     in_flight: Arc<Semaphore>,
@@ -294,12 +297,15 @@ impl RedisStore {
             .build_pool(options.pool_size.max(1))
             .map_err(|error| StoreError::Unavailable(format!("invalid Redis settings: {}", error.details())))?;
 
+        let batch_text: Arc<str> = batch::batch_script().into();
         let setup = async {
             pool.init().await.map_err(|error| store_error(&error))?;
-            load_script(&pool).await
+            let bucket = load_script(&pool, BUCKET_SCRIPT).await?;
+            let batch = load_script(&pool, &batch_text).await?;
+            Ok::<_, StoreError>((bucket, batch))
         };
-        let script_sha = match tokio::time::timeout(options.connect_timeout, setup).await {
-            Ok(Ok(sha)) => sha,
+        let (script_sha, batch_sha) = match tokio::time::timeout(options.connect_timeout, setup).await {
+            Ok(Ok(shas)) => shas,
             Ok(Err(error)) => {
                 shut_down(&pool, options.connect_timeout);
                 return Err(error);
@@ -317,11 +323,21 @@ impl RedisStore {
         watch_connections(&pool);
 
         let max_in_flight = options.max_in_flight.max(1);
+        let batcher = (topology != Topology::Cluster).then(|| {
+            let scripts = batch::Scripts {
+                bucket_sha: script_sha.clone(),
+                batch_sha,
+                batch_text,
+                noscript_log: Throttle::new(),
+            };
+            batch::Batcher::start(pool.clone(), scripts)
+        });
         let store = Self {
             inner: Arc::new(Inner {
                 pool,
                 topology,
                 script_sha,
+                batcher,
                 options: options.clone(),
                 in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 releases: Arc::new(Semaphore::new(max_in_flight)),
@@ -554,6 +570,15 @@ impl RedisStore {
         if remaining.is_zero() {
             return Err(RedisError::new(ErrorKind::Timeout, "the deadline passed before the command was sent"));
         }
+        // Judge calls on one primary join a batch; the batch takes the
+        // same care over connections and deadlines.
+        if let (Some(batcher), ScriptRef::Sha, Mode::Judge) = (&self.inner.batcher, sent_as, call.mode) {
+            let (keys, args) = script::encode_guarded(call, guards);
+            return match tokio::time::timeout(remaining + DEADLINE_GRACE, batcher.call(keys, args, remaining)).await {
+                Ok(reply) => reply,
+                Err(_) => Err(RedisError::new(ErrorKind::Timeout, "the command passed its deadline")),
+            };
+        }
         // A client that is reconnecting holds commands until it is back, so
         // fail at once when no client is connected.
         let client = self.inner.pool.next_connected();
@@ -612,10 +637,10 @@ fn trusting(ca_file: &Path) -> Result<fred::types::config::TlsConnector, StoreEr
     Ok(config.into())
 }
 
-/// Loads [`BUCKET_SCRIPT`] on every primary (in a cluster) or on the one
-/// server, and returns its SHA-1.
-async fn load_script(pool: &Pool) -> Result<Str, StoreError> {
-    pool.next().script_load_cluster::<Str, _>(BUCKET_SCRIPT).await.map_err(|error| store_error(&error))
+/// Loads a script on every primary (in a cluster) or on the one server,
+/// and returns its SHA-1.
+async fn load_script(pool: &Pool, script: &str) -> Result<Str, StoreError> {
+    pool.next().script_load_cluster::<Str, _>(script).await.map_err(|error| store_error(&error))
 }
 
 /// Logs reconnections and connection errors of every client, so an outage
