@@ -41,7 +41,11 @@ struct Replica {
 
 impl Replica {
     async fn start(yaml: &str, store: Store) -> Replica {
-        let limiter = Limiter::new(service::limits(yaml), store.clone(), LimiterSettings::default());
+        Self::start_with(yaml, store, LimiterSettings::default()).await
+    }
+
+    async fn start_with(yaml: &str, store: Store, settings: LimiterSettings) -> Replica {
+        let limiter = Limiter::new(service::limits(yaml), store.clone(), settings);
         let decision_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind decision port");
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin port");
         let decision = decision_listener.local_addr().expect("decision address");
@@ -357,4 +361,46 @@ async fn one_script_call_per_check_with_accounts() {
     a.check("sk-warm").await;
     b.check("sk-warm").await;
     assert_eq!(script_calls(&redis) - before, 2, "one call per check once known");
+}
+
+/// With the local denial cache on, a key over its tier is denied without a
+/// store call; a promotion through this replica applies at its next check,
+/// and one made through another replica within the cache's maximum age.
+#[tokio::test]
+async fn cached_denials_follow_promotions() {
+    let redis = RedisServer::start();
+    let max_age = std::time::Duration::from_millis(1500);
+    let settings = LimiterSettings { deny_cache_max_age: max_age, ..LimiterSettings::default() };
+    let connect = || async { Store::Redis(RedisStore::connect(&redis.url()).await.expect("connect to the test redis")) };
+    let a = Replica::start_with(SHIPPED, connect().await, settings.clone()).await;
+    let b = Replica::start_with(SHIPPED, connect().await, settings).await;
+    let (here, elsewhere) = ("sk-cached-here", "sk-cached-elsewhere");
+
+    for key in [here, elsewhere] {
+        for _ in 0..30 {
+            assert_eq!(a.check(key).await.overall_code, 1, "{key} within its 30 per minute");
+        }
+        assert_eq!(a.check(key).await.overall_code, 2, "{key} over its 30 per minute");
+    }
+    let before = script_calls(&redis);
+    for _ in 0..20 {
+        assert_eq!(a.check(here).await.overall_code, 2);
+    }
+    assert_eq!(script_calls(&redis), before, "denials of a known empty bucket make no store call, accounts or not");
+
+    top_up(&a, here).await;
+    let promoted = a.check(here).await;
+    assert_eq!(promoted.overall_code, 1, "a promotion through this replica applies at once");
+    assert_eq!(header(&promoted, "x-ratelimit-limit-requests"), 100);
+
+    // The promotion here cleared this replica's cache: deny once more to
+    // cache the other key again, then promote it through the other replica.
+    assert_eq!(a.check(elsewhere).await.overall_code, 2);
+    top_up(&b, elsewhere).await;
+    let started = std::time::Instant::now();
+    assert_eq!(a.check(elsewhere).await.overall_code, 2, "this replica has not seen the promotion yet");
+    while a.check(elsewhere).await.overall_code == 2 {
+        assert!(started.elapsed() <= max_age + std::time::Duration::from_millis(500), "denied past the cache's maximum age");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -441,6 +441,10 @@ impl RecordCache {
         records.insert(key.to_owned(), record);
     }
 
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
         self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

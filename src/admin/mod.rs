@@ -80,6 +80,7 @@ impl AccountAdmin for AdminService {
         let body = request.into_inner();
         let (accounts, _) = self.accounts(&body.domain)?;
         let change = accounts.record_top_up(api_key(&body.api_key)?, &who).await.map_err(status)?;
+        self.limiter.forget_accounts();
         Ok(Response::new(convert::change(&change)))
     }
 
@@ -96,6 +97,7 @@ impl AccountAdmin for AdminService {
         };
         let overrides = Overrides { requests: body.requests_per_unit, tokens: body.tokens_per_unit, unit };
         let change = accounts.set_override(api_key(&body.api_key)?, overrides, &who).await.map_err(status)?;
+        self.limiter.forget_accounts();
         Ok(Response::new(convert::change(&change)))
     }
 
@@ -104,6 +106,7 @@ impl AccountAdmin for AdminService {
         let body = request.into_inner();
         let (accounts, _) = self.accounts(&body.domain)?;
         let change = accounts.clear_override(api_key(&body.api_key)?, &who).await.map_err(status)?;
+        self.limiter.forget_accounts();
         Ok(Response::new(convert::change(&change)))
     }
 
@@ -112,6 +115,7 @@ impl AccountAdmin for AdminService {
         let body = request.into_inner();
         let (accounts, _) = self.accounts(&body.domain)?;
         let change = accounts.link_key(api_key(&body.api_key)?, &body.account_id, &who).await.map_err(status)?;
+        self.limiter.forget_accounts();
         Ok(Response::new(convert::change(&change)))
     }
 

@@ -88,6 +88,14 @@ impl Limiter {
         self.deny_cache.clear();
     }
 
+    /// Drops what this replica knows of accounts' tiers and overrides,
+    /// after a change made through it: cached denials and the records last
+    /// seen, so the next check reads the new record at once.
+    pub fn forget_accounts(&self) {
+        self.deny_cache.clear();
+        self.records.clear();
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -166,11 +174,12 @@ impl Limiter {
             estimate_ttl: self.settings.estimate_ttl,
         };
         let mut store_elapsed = None;
-        // The local denial cache is skipped with guards: it cannot see an
-        // account change, which must apply at once.
+        // The local denial cache answers for the tier last seen. An account
+        // change made through this replica clears it; one made through
+        // another is missed for at most the cache's maximum age.
         let outcome = if batch.ops.is_empty() {
             None
-        } else if let Some(local) = guards.is_empty().then(|| self.deny_cache.deny_locally(&batch.ops)).flatten() {
+        } else if let Some(local) = self.deny_cache.deny_locally(&batch.ops) {
             Some(local)
         } else {
             let started = Instant::now();
