@@ -9,7 +9,7 @@ median with the range. The same run measures the ceiling of the bucket
 script itself with redis-benchmark on the same Redis, so every figure can be
 read as a ratio of it.
 
-Usage: bench/matrix.py [--runs 3] [--seconds 3] [--stores memory,redis,cluster]
+Usage: bench/matrix.py [--runs 3] [--seconds 3] [--stores memory,redis,redis-cache,cluster]
 Build first: cargo build --release --bins
 """
 
@@ -111,10 +111,10 @@ def cluster(procs):
     return url, ports
 
 
-def service(procs, redis_url):
+def service(procs, redis_url, extra_args=()):
     port = free_port()
     args = [str(SERVICE), "serve", "--config", str(CONFIG), "--listen", f"127.0.0.1:{port}",
-            "--metrics-listen", "127.0.0.1:0"]
+            "--metrics-listen", "127.0.0.1:0", *extra_args]
     if redis_url:
         args += ["--redis-url", redis_url]
     env = dict(os.environ, RUST_LOG="warn")
@@ -124,12 +124,26 @@ def service(procs, redis_url):
     return child, port
 
 
-def loadgen(port, pid, in_flight, connections, keys, seconds, prefix):
+def loadgen(port, pid, in_flight, connections, keys, seconds, prefix, rate=None):
     args = [str(LOADGEN), "--target", f"http://127.0.0.1:{port}", "--in-flight", str(in_flight),
             "--connections", str(connections), "--keys", str(keys), "--duration", str(seconds),
             "--warmup", "0.5", "--service-pid", str(pid), "--key-prefix", prefix]
+    if rate:
+        args += ["--rate", str(rate)]
     output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def script_calls(ports):
+    """EVALSHA and EVAL calls served so far by the Redis servers on `ports`."""
+    total = 0
+    for port in ports:
+        info = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"],
+                              capture_output=True, text=True, check=True).stdout
+        for line in info.splitlines():
+            if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")):
+                total += int(line.split("calls=")[1].split(",")[0])
+    return total
 
 
 def script_ceiling(port, clients, pipeline, requests):
@@ -157,46 +171,86 @@ def main():
     parser.add_argument("--stores", default="memory,redis,cluster")
     parser.add_argument("--in-flight", default="16,64,256")
     parser.add_argument("--connections", default="1,4")
+    parser.add_argument("--key-spreads", default="10000,1", help="distinct keys per cell; 1 is one hot key")
     parser.add_argument("--json", help="write every run here as JSON lines")
     options = parser.parse_args()
 
+    # Each store: how to start it, and extra service arguments. The
+    # `-cache` variants turn the local denial cache on.
+    stores = {
+        "memory": (lambda p: (None, []), []),
+        "redis": (standalone, []),
+        "redis-cache": (standalone, ["--deny-cache-ms", "1000"]),
+        "cluster": (cluster, []),
+    }
     procs = Processes()
     results = []
+    half_peak = []
     try:
         for store in options.stores.split(","):
-            redis_url, redis_ports = {"memory": lambda p: (None, []), "redis": standalone, "cluster": cluster}[store](procs)
-            child, port = service(procs, redis_url)
+            start_store, extra_args = stores[store]
+            redis_url, redis_ports = start_store(procs)
+            child, port = service(procs, redis_url, extra_args)
             ceiling = None
             # The ceiling is measured on the standalone Redis: on the cluster
             # redis-benchmark's random keys would land on other nodes' slots.
-            if store == "redis":
+            if store.startswith("redis"):
                 ceiling = {
                     "unpipelined": script_ceiling(redis_ports[0], 50, 1, 200_000),
                     "pipelined_16": script_ceiling(redis_ports[0], 50, 16, 1_000_000),
                 }
                 print(f"# {store}: script ceiling {ceiling}", file=sys.stderr)
-            for keys in (10_000, 1):
+            for keys in map(int, options.key_spreads.split(",")):
                 for connections in map(int, options.connections.split(",")):
                     for in_flight in map(int, options.in_flight.split(",")):
                         runs = []
                         for run in range(options.runs):
                             prefix = f"{store}-{keys}-{connections}-{in_flight}-{run}-{time.time_ns()}"
-                            runs.append(loadgen(port, child.pid, in_flight, connections, keys, options.seconds, prefix))
+                            calls_before = script_calls(redis_ports)
+                            result = loadgen(port, child.pid, in_flight, connections, keys, options.seconds, prefix)
+                            # Calls during warm-up count too, so this slightly
+                            # overstates the calls per decision.
+                            result["script_calls"] = script_calls(redis_ports) - calls_before
+                            runs.append(result)
                         cell = {"store": store, "keys": keys, "connections": connections, "in_flight": in_flight,
                                 "runs": runs, "ceiling": ceiling}
                         results.append(cell)
                         throughput = median_range([r["throughput"] for r in runs])
                         print(f"# {store} keys={keys} conns={connections} in_flight={in_flight}: "
                               f"{throughput[0]:.0f}/s", file=sys.stderr)
+            # Latency at half of the peak: 10,000 keys, 4 connections, 64 in
+            # flight, paced at half the median throughput measured above.
+            peak = [cell for cell in results if cell["store"] == store and cell["keys"] == 10_000
+                    and cell["connections"] == 4 and cell["in_flight"] == 64]
+            if peak:
+                rate = statistics.median(r["throughput"] for r in peak[0]["runs"]) / 2
+                runs = [loadgen(port, child.pid, 64, 4, 10_000, options.seconds,
+                                f"{store}-half-{run}-{time.time_ns()}", rate=rate) for run in range(options.runs)]
+                half_peak.append({"store": store, "rate": rate, "runs": runs})
             procs.stop(child)
     finally:
         procs.stop_all()
 
     if options.json:
         with open(options.json, "w") as out:
-            for cell in results:
+            for cell in results + half_peak:
                 out.write(json.dumps(cell) + "\n")
     print_tables(results)
+    print_half_peak(half_peak)
+
+
+def print_half_peak(rows):
+    if not rows:
+        return
+    print("\n### At half of the peak (10,000 keys, 4 connections, 64 in flight, paced)\n")
+    print("| store | paced at /s | achieved /s | p50 µs | p99 µs | p99.9 µs | CPU µs/decision |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        runs = row["runs"]
+        def med(name):
+            return statistics.median(r[name] or 0.0 for r in runs)
+        print(f"| {row['store']} | {row['rate']:.0f} | {med('throughput'):.0f} | {med('p50_us'):.0f} | "
+              f"{med('p99_us'):.0f} | {med('p999_us'):.0f} | {med('service_cpu_us_per_decision'):.1f} |")
 
 
 def print_tables(results):
@@ -211,8 +265,9 @@ def print_tables(results):
         if ceiling:
             print(f"Script ceiling on the same Redis (redis-benchmark EVALSHA, 50 clients): "
                   f"{ceiling['unpipelined']:.0f}/s unpipelined, {ceiling['pipelined_16']:.0f}/s pipelined 16 deep.\n")
-        print("| keys | conns | in flight | decisions/s | vs script | p50 µs | p99 µs | p99.9 µs | CPU µs/decision | denied % | errors |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| keys | conns | in flight | decisions/s | vs script | p50 µs | p99 µs | p99.9 µs | CPU µs/decision | "
+              "script calls/decision | denied % | errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for cell in cells:
             runs = cell["runs"]
             throughput = median_range([r["throughput"] for r in runs])
@@ -221,9 +276,12 @@ def print_tables(results):
             denied = statistics.median([100.0 * r["denied"] / max(r["decisions"], 1) for r in runs])
             errors = sum(r["errors"] for r in runs)
             keys = "hot" if cell["keys"] == 1 else f"{cell['keys']:,}"
+            calls = statistics.median(r.get("script_calls", 0) / max(r["decisions"], 1) for r in runs)
+            calls = f"{calls:.3f}" if cell["store"] != "memory" else "–"
             print(f"| {keys} | {cell['connections']} | {cell['in_flight']} | {fmt(throughput)} | {ratio} | "
                   f"{fmt(median_range([r['p50_us'] for r in runs]))} | {fmt(median_range([r['p99_us'] for r in runs]))} | "
-                  f"{fmt(median_range([r['p999_us'] for r in runs]))} | {fmt(median_range(cpu), 1)} | {denied:.0f} | {errors} |")
+                  f"{fmt(median_range([r['p999_us'] for r in runs]))} | {fmt(median_range(cpu), 1)} | {calls} | "
+                  f"{denied:.0f} | {errors} |")
 
 
 if __name__ == "__main__":

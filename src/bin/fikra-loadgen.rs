@@ -51,6 +51,10 @@ struct Args {
     /// Rate-limit domain.
     #[arg(long, default_value = "fikra")]
     domain: String,
+    /// Calls per second in all, spread evenly over the workers; without it
+    /// each worker sends its next call as soon as the last is answered.
+    #[arg(long)]
+    rate: Option<f64>,
     /// PID of the service, to read its CPU time from /proc/PID/stat.
     #[arg(long)]
     service_pid: Option<u32>,
@@ -125,7 +129,16 @@ async fn run_worker(
     let mut latencies = Vec::with_capacity(4096);
     let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (worker + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
     let mut measuring = false;
+    // With a rate, worker w of n sends at offsets w/n of its period, so the
+    // calls of all workers are spread evenly.
+    let workers = args.in_flight.max(1) as f64;
+    let period = args.rate.filter(|rate| *rate > 0.0).map(|rate| Duration::from_secs_f64(workers / rate));
+    let mut next_send = period.map(|period| Instant::now() + period.mul_f64(worker as f64 / workers));
     loop {
+        if let (Some(at), Some(period)) = (next_send.as_mut(), period) {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(*at)).await;
+            *at += period;
+        }
         let now = Instant::now();
         if !measuring && now >= measure_from {
             measuring = true;
@@ -254,6 +267,7 @@ fn report(args: &Args, latencies: &mut [u32], elapsed: Duration, counts: &Counts
         "keys": args.keys,
         "connections": args.connections,
         "in_flight": args.in_flight,
+        "rate": args.rate,
         "decisions": total,
         "seconds": elapsed.as_secs_f64(),
         "throughput": throughput.round(),
