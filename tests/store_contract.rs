@@ -836,13 +836,30 @@ async fn redis_unreadable_value_aborts_batch() {
     let h = Harness::redis().await;
     let (good, bad) = (h.bucket("good"), h.bucket("bad"));
     let p = slow(10);
-    h.server().cli(&["SET", &bad, "not-a-bucket"]);
+    let too_large = format!("{}:1:{}", 1_u64 << 53, p.scale);
+    let values = ["not-a-bucket", "1:2", "1:2:3:4", "-1:2:3", " 1:2:3", "1:2:", too_large.as_str()];
 
-    let result = h.store.apply(&batch(vec![check(&good, p, 1), check(&bad, p, 1)])).await;
-    let error = result.expect_err("an unreadable bucket fails the batch");
-    assert!(matches!(error, StoreError::Protocol(_)), "{error:?}");
-    assert!(!error.is_transient());
-    assert_eq!(h.server().keys(&good), Vec::<String>::new(), "nothing is written");
+    // Checks alone and with reports, each without and with a matching guard.
+    let batches = [
+        vec![check(&good, p, 1), check(&bad, p, 1)],
+        vec![check(&good, p, 1), report(&bad, p, 1, None)],
+        vec![check(&bad, p, 0)],
+    ];
+    for value in values {
+        h.server().cli(&["SET", &bad, value]);
+        for ops in &batches {
+            let guard = RecordGuard { key: h.record_key(), expected: None };
+            for guards in [&[][..], &[guard][..]] {
+                let result = h.store.apply_guarded(&batch(ops.clone()), guards, None).await;
+                let error = result.expect_err("an unreadable bucket fails the batch");
+                assert!(matches!(error, StoreError::Protocol(_)), "{value:?}: {error:?}");
+                assert!(error.to_string().contains("unreadable bucket value at"), "{value:?}: {error}");
+                assert!(!error.is_transient());
+                assert_eq!(h.server().keys(&good), Vec::<String>::new(), "{value:?}: nothing is written");
+                assert_eq!(h.server().cli(&["GET", &bad]), value, "the unreadable value stays");
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -1065,18 +1082,66 @@ async fn redis_script_matches_judge() {
     let mut states: HashMap<String, BucketState> = HashMap::new();
     let mut estimates = Estimates::default();
 
-    for round in 0..600_u64 {
-        let ops: Vec<BucketOp> =
+    h.set_record(&h.record_key(), RECORD_BEFORE);
+    // Judged calls of the plain shape, without and with a guard.
+    let mut plain = [0_u32; 2];
+
+    for round in 0..900_u64 {
+        let mut ops: Vec<BucketOp> =
             (0..1 + random.below(3)).map(|_| random_op(&mut random, &h, round, &params, &mut current)).collect();
-        let out = h.apply(ops.clone()).await;
+        // Most calls carry only checks and credits, which the script judges
+        // on a path of its own.
+        if random.chance(40) {
+            for op in &mut ops {
+                op.reports.clear();
+                op.estimates.clear();
+            }
+        }
+
+        // Some calls carry a guard on the account record. A matching guard
+        // lets the batch be judged, and a stale one changes nothing.
+        let guarded = random.chance(30);
+        let out = if guarded {
+            let stale = random.chance(25);
+            let expected = if stale { RECORD_AFTER } else { RECORD_BEFORE };
+            match h.apply_guarded(ops.clone(), Some(expected)).await {
+                Guarded::Stale(actual) => {
+                    assert!(stale, "round {round}: a holding guard was stale");
+                    assert_eq!(actual, [Some(RECORD_BEFORE.to_owned())], "round {round}");
+                    continue;
+                }
+                Guarded::Judged(out) => {
+                    assert!(!stale, "round {round}: a stale guard judged {ops:#?}");
+                    out
+                }
+            }
+        } else {
+            h.apply(ops.clone()).await
+        };
 
         // judge() on the states the script started from, at the script's time.
         let before: Vec<Option<BucketState>> = ops.iter().map(|op| states.get(&op.key).copied()).collect();
         let expected = judge(&ops, &before, out.now_ms, &mut estimates);
         assert_eq!(out, expected, "round {round}: the script and judge() differ for {ops:#?}");
 
+        if is_plain(&ops, &before) {
+            plain[usize::from(guarded)] += 1;
+        }
         for (op, result) in ops.iter().zip(&expected.buckets) {
             states.insert(op.key.clone(), result.state);
         }
     }
+    assert!(plain[0] >= 100, "too few unguarded calls of the plain shape: {plain:?}");
+    assert!(plain[1] >= 30, "too few guarded calls of the plain shape: {plain:?}");
+}
+
+/// Returns whether the script judges `ops` on its plain path: no reports,
+/// no estimates, every bucket key once, and stored states at the new scale.
+fn is_plain(ops: &[BucketOp], before: &[Option<BucketState>]) -> bool {
+    ops.iter().zip(before).enumerate().all(|(i, (op, state))| {
+        op.reports.is_empty()
+            && op.estimates.is_empty()
+            && ops[..i].iter().all(|other| other.key != op.key)
+            && state.is_none_or(|state| state.scale == op.params.scale)
+    })
 }

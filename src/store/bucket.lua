@@ -16,6 +16,16 @@
 -- RedisStore checks before it calls). Integer division uses math.floor and
 -- math.ceil on the double quotient. For a, b < 2^53 the rounded quotient
 -- never crosses an integer, so both give the exact integer result.
+-- Stored values and TTLs are printed with string.format: '%d' (a C long,
+-- 64 bits wide on 64-bit Linux) prints every count below 2^53 exactly, and
+-- '%.0f' the rest.
+--
+-- Structure: the plain path judges the common calls (judge mode, checks
+-- and credits only, with or without guards) with few tables and no helper
+-- functions. Every other call, and every call it does not accept, goes to
+-- the general path, which implements the whole contract. Lua creates a
+-- closure for each `local function` every time the script runs, so the
+-- general path's helpers are defined after the plain path has returned.
 --
 -- Stored values:
 --   bucket key:   "<level>:<stamp_ms>:<scale>", the BucketState fields.
@@ -74,6 +84,236 @@
 --   0 unmatched, 1 unknown request, 3 duplicate, or 2 followed by the
 --   settled estimate.
 
+-- Plain path: judges a call in judge mode whose operations have no reports
+-- and no estimates, with or without guards, using few tables and no helper
+-- functions. It returns nil, before writing anything, for any other call
+-- and for anything it does not accept: a bucket key named twice, a stored
+-- bucket at another scale, an unreadable value or an invalid argument. The
+-- general path then judges the call from the start and fails with its own
+-- messages. Both paths take the same steps in the same order, so they give
+-- the same reply and the same writes.
+--
+-- `now` is an argument and the globals are cached in the function's own
+-- locals, because a closure costs more for every upvalue it captures.
+local function judge_plain(now)
+  local tonumber, floor, ceil = tonumber, math.floor, math.ceil
+  local format, match, call = string.format, string.match, redis.call
+  local MAX_EXACT = 9007199254740992 -- 2^53
+  local argv, keys = ARGV, KEYS
+  local n = tonumber(argv[2])
+  if argv[1] ~= '0' or not n or n < 1 or n % 1 ~= 0 or keys[n] == nil then
+    return nil
+  end
+
+  -- Counts are integers from 0 to 2^53 - 1. For numbers at or above 0, the
+  -- fractional parts (x % 1, NaN for infinity) add up to 0 only when each
+  -- is 0, and a sum below 2^53 bounds each term. Valid counts whose sum
+  -- reaches 2^53 go to the general path.
+  local slack, estimate_ttl, hold_ttl = tonumber(argv[3]), tonumber(argv[4]), tonumber(argv[5])
+  if not (slack and estimate_ttl and hold_ttl and slack >= 0 and estimate_ttl >= 0 and hold_ttl >= 0
+      and slack % 1 + estimate_ttl % 1 + hold_ttl % 1 == 0
+      and slack + estimate_ttl + hold_ttl < MAX_EXACT) then
+    return nil
+  end
+
+  -- Decode every operation before reading anything, as the general path
+  -- does. Each operation is an array: scale, capacity in sub-units,
+  -- maximum level, refill_per_tick, tick_ms, check cost (-1 for none),
+  -- credit, shadow flag, and whether the bucket key exists (set when read).
+  -- A table constructor sizes the array at once, which costs less than
+  -- growing it one field at a time.
+  local ops = {}
+  for i = 1, n do
+    local a = 9 * i - 3 -- the first field of operation i
+    if argv[a + 7] ~= '0' or argv[a + 8] ~= '0' then
+      return nil -- reports or estimates
+    end
+    local key = keys[i]
+    for j = 1, i - 1 do
+      if keys[j] == key then
+        return nil -- the general path writes such a key once per operation
+      end
+    end
+    local capacity, scale = tonumber(argv[a]), tonumber(argv[a + 1])
+    local refill, tick = tonumber(argv[a + 2]), tonumber(argv[a + 3])
+    local cost, shadow, credit = tonumber(argv[a + 4]), argv[a + 5], tonumber(argv[a + 6])
+    if not (capacity and scale and refill and tick and cost and credit) or (shadow ~= '0' and shadow ~= '1') then
+      return nil
+    end
+    local counted = cost
+    if cost == -1 then
+      counted = 0
+    end
+    if not (capacity >= 0 and scale >= 1 and refill >= 0 and tick >= 1 and credit >= 0 and counted >= 0
+        and capacity % 1 + scale % 1 + refill % 1 + tick % 1 + credit % 1 + counted % 1 == 0
+        and tick + credit + counted < MAX_EXACT) then
+      return nil
+    end
+    local capacity_sub = capacity * scale
+    local max_level = 2 * capacity_sub
+    if max_level + refill >= MAX_EXACT then
+      return nil
+    end
+    ops[i] = { scale, capacity_sub, max_level, refill, tick, cost, credit, shadow == '1', false }
+  end
+
+  -- Guards: their count at ARGV[guard_at], then the expected values. Their
+  -- keys follow the bucket keys.
+  local guard_at = 9 * n + 6
+  local guards = 0
+  if argv[guard_at] ~= nil then
+    guards = tonumber(argv[guard_at])
+    if not guards or guards < 1 or guards % 1 ~= 0 or argv[guard_at + guards] == nil then
+      return nil
+    end
+  end
+  if argv[guard_at + guards + 1] ~= nil or keys[n + guards] == nil or keys[n + guards + 1] ~= nil then
+    return nil
+  end
+  for g = 1, guards do
+    if (call('GET', keys[n + g]) or '-') ~= argv[guard_at + g] then
+      local stale = { now, 3 }
+      for h = 1, guards do
+        stale[h + 2] = call('GET', keys[n + h]) or '-'
+      end
+      return stale
+    end
+  end
+
+  -- Read, refill and credit every bucket, and see whether its check fits.
+  -- The reply collects each state and is sized for one or two operations,
+  -- the common counts.
+  local reply
+  if n == 1 then
+    reply = { now, 1, 0, 0, 0, 0, 0, 0 }
+  else
+    reply = { now, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+  end
+  local allowed = true
+  for i = 1, n do
+    local op = ops[i]
+    local scale, max_level, refill = op[1], op[3], op[4]
+    local level, stamp = 0, now
+    local raw = call('GET', keys[i])
+    if raw then
+      -- The scale is compared as text because ARGV contains it in the same
+      -- digits.
+      local level_text, stamp_text, scale_text = match(raw, '^(%d+):(%d+):(%d+)$')
+      if not level_text or scale_text ~= argv[9 * i - 2] then
+        return nil -- unreadable, or stored at another scale
+      end
+      level, stamp = tonumber(level_text), tonumber(stamp_text)
+      if level >= MAX_EXACT or stamp >= MAX_EXACT then
+        return nil
+      end
+      op[9] = true
+      if level > max_level then
+        level = max_level
+      end
+      -- The steps of refill() below. For integers and a positive refill,
+      -- ticks >= ceil(level / refill) is ticks * refill >= level, and a
+      -- product rounded at or above 2^53 still exceeds the level.
+      local elapsed = now - stamp
+      if elapsed < 0 then
+        elapsed = 0
+      end
+      local ticks = floor(elapsed / op[5])
+      if level == 0 then
+        stamp = now
+      elseif refill > 0 and ticks * refill >= level then
+        level, stamp = 0, now
+      else
+        level = level - ticks * refill
+        stamp = stamp + ticks * op[5]
+      end
+    end
+
+    local credit = op[7] * scale
+    if credit >= level then
+      level = 0
+    else
+      level = level - credit
+    end
+
+    local fits = 1
+    local cost = op[6]
+    if cost ~= -1 then
+      if cost < 1 then
+        cost = 1
+      end
+      if level + cost * scale > op[2] then
+        fits = 0
+        if not op[8] then
+          allowed = false
+        end
+      end
+    end
+    local r = 6 * i - 4
+    reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] = level, stamp, scale, fits
+    reply[r + 5], reply[r + 6] = 0, 0
+  end
+
+  -- Charge the fitting checks when allowed, and write every bucket as
+  -- store_bucket() does.
+  if not allowed then
+    reply[2] = 0
+  end
+  for i = 1, n do
+    local op = ops[i]
+    local r = 6 * i - 4
+    local scale, refill, cost = op[1], op[4], op[6]
+    local level, stamp = reply[r + 1], reply[r + 2]
+    if allowed and cost ~= -1 and reply[r + 4] == 1 then
+      level = level + cost * scale
+      reply[r + 1] = level
+      reply[r + 5] = 1
+    end
+    if level == 0 then
+      if op[9] then
+        call('DEL', keys[i])
+      end
+    else
+      -- The level, stamp and scale stay below 2^53, which '%d' prints
+      -- exactly, as int() below does.
+      local value = format('%d:%d:%d', level, stamp, scale)
+      if refill == 0 then
+        call('SET', keys[i], value)
+      else
+        local wait = stamp + ceil(level / refill) * op[5] - now
+        if wait < 0 then
+          wait = 0
+        end
+        local ttl = wait + slack
+        if ttl < 1 then
+          ttl = 1
+        end
+        if ttl < MAX_EXACT then
+          ttl = format('%d', ttl)
+        else
+          ttl = format('%.0f', ttl)
+        end
+        call('SET', keys[i], value, 'PX', ttl)
+      end
+    end
+  end
+  return reply
+end
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+
+local plain = judge_plain(now)
+if plain then
+  return plain
+end
+
+-- General path.
+
+local tonumber, tostring, error, ipairs, pairs = tonumber, tostring, error, ipairs, pairs
+local floor, ceil, huge = math.floor, math.ceil, math.huge
+local format, match, gmatch, concat = string.format, string.match, string.gmatch, table.concat
+local call = redis.call
+
 local MAX_EXACT = 9007199254740992 -- 2^53
 
 local SETTLED = -1 -- estimate record of a request id already reported
@@ -88,7 +328,7 @@ local function fail(message)
 end
 
 local function is_count(x)
-  return x ~= nil and x >= 0 and x < MAX_EXACT and x == math.floor(x)
+  return x ~= nil and x >= 0 and x < MAX_EXACT and x == floor(x)
 end
 
 local function parse_count(text, what)
@@ -100,8 +340,12 @@ local function parse_count(text, what)
 end
 
 -- Formats an integer without the exponent form tostring uses above 1e14.
+-- '%d' prints a count below 2^53 exactly and is faster than '%.0f'.
 local function int(x)
-  return string.format('%.0f', x)
+  if x < MAX_EXACT then
+    return format('%d', x)
+  end
+  return format('%.0f', x)
 end
 
 -- Returns ceil(a * b / d) exactly for a < d, even when a * b exceeds 2^53.
@@ -110,13 +354,13 @@ end
 local function mul_div_ceil(a, b, d)
   local product = a * b
   if product < MAX_EXACT then
-    return math.ceil(product / d)
+    return ceil(product / d)
   end
 
   local bits = {}
   local rest = b
   while rest > 0 do
-    local half = math.floor(rest / 2)
+    local half = floor(rest / 2)
     bits[#bits + 1] = rest - half * 2
     rest = half
   end
@@ -152,7 +396,7 @@ local function rescale(level, from, to)
   if from == 0 then
     return 0
   end
-  local whole = math.floor(level / from)
+  local whole = floor(level / from)
   local part = level - whole * from
   return whole * to + mul_div_ceil(part, to, from)
 end
@@ -172,14 +416,14 @@ local function refill(state, op, now)
   if elapsed < 0 then
     elapsed = 0
   end
-  local ticks = math.floor(elapsed / op.tick)
+  local ticks = floor(elapsed / op.tick)
   if state.level == 0 then
     state.stamp = now
     return
   end
-  local needed = math.huge
+  local needed = huge
   if op.refill > 0 then
-    needed = math.ceil(state.level / op.refill)
+    needed = ceil(state.level / op.refill)
   end
   if ticks >= needed then
     state.level = 0
@@ -202,7 +446,7 @@ end
 
 -- BucketState::charge_report: returns the units forgiven by the debt clamp.
 local function charge_report(state, op, amount)
-  local room = math.floor((op.max_level - state.level) / op.scale)
+  local room = floor((op.max_level - state.level) / op.scale)
   local taken = amount
   if taken > room then
     taken = room
@@ -229,7 +473,7 @@ local function reset_ms(state, op, now)
   if op.refill == 0 then
     return nil
   end
-  local ticks = math.ceil(state.level / op.refill)
+  local ticks = ceil(state.level / op.refill)
   local wait = state.stamp + ticks * op.tick - now
   if wait < 0 then
     return 0
@@ -239,11 +483,11 @@ end
 
 -- Reads a bucket: its state, and whether a key holds it.
 local function load_bucket(key, op, now)
-  local raw = redis.call('GET', key)
+  local raw = call('GET', key)
   if not raw then
     return { level = 0, stamp = now, scale = op.scale }, false
   end
-  local level, stamp, scale = string.match(raw, '^(%d+):(%d+):(%d+)$')
+  local level, stamp, scale = match(raw, '^(%d+):(%d+):(%d+)$')
   level, stamp, scale = tonumber(level), tonumber(stamp), tonumber(scale)
   if not (is_count(level) and is_count(stamp) and is_count(scale)) then
     fail('unreadable bucket value at ' .. key)
@@ -256,7 +500,7 @@ end
 local function store_bucket(key, state, op, now, slack_ms, present)
   if state.level == 0 then
     if present then
-      redis.call('DEL', key)
+      call('DEL', key)
     end
     return
   end
@@ -265,18 +509,15 @@ local function store_bucket(key, state, op, now, slack_ms, present)
   if wait == nil then
     -- NOTE: a bucket that never refills keeps its key without a TTL,
     -- matching the memory store, which never expires it either.
-    redis.call('SET', key, value)
+    call('SET', key, value)
   else
     local ttl = wait + slack_ms
     if ttl < 1 then
       ttl = 1
     end
-    redis.call('SET', key, value, 'PX', int(ttl))
+    call('SET', key, value, 'PX', int(ttl))
   end
 end
-
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
 local MODE_JUDGE = 0
 local MODE_RESERVE = 1
@@ -394,7 +635,7 @@ if guard_count > 0 then
   local actual = {}
   local stale = false
   for g = 1, guard_count do
-    actual[g] = redis.call('GET', KEYS[guard_base + g - 1]) or '-'
+    actual[g] = call('GET', KEYS[guard_base + g - 1]) or '-'
     if actual[g] ~= guard_expected[g] then
       stale = true
     end
@@ -411,22 +652,22 @@ end
 -- Reads a hold key: nil when absent, false for a tombstone, else the units
 -- charged per operation and the amounts remembered per estimate key.
 local function read_hold()
-  local raw = redis.call('GET', hold_key)
+  local raw = call('GET', hold_key)
   if not raw then
     return nil
   end
   if raw == 'x' then
     return false
   end
-  local charged_text, remembered_text = string.match(raw, '^h:([%d,]*);([%d,]*)$')
+  local charged_text, remembered_text = match(raw, '^h:([%d,]*);([%d,]*)$')
   if charged_text == nil then
     fail('unreadable hold value at ' .. hold_key)
   end
   local hold = { charged = {}, remembered = {} }
-  for part in string.gmatch(charged_text, '%d+') do
+  for part in gmatch(charged_text, '%d+') do
     hold.charged[#hold.charged + 1] = parse_count(part, 'held units')
   end
-  for part in string.gmatch(remembered_text, '%d+') do
+  for part in gmatch(remembered_text, '%d+') do
     hold.remembered[#hold.remembered + 1] = parse_count(part, 'held estimate')
   end
   if #hold.charged ~= n then
@@ -458,13 +699,13 @@ if mode == MODE_RELEASE then
         position = position + 1
         local amount = hold.remembered[position] or 0
         if amount > 0 then
-          local raw = redis.call('GET', estimate.key)
-          local open = raw and tonumber(string.match(raw, '^o:(%d+)$'))
+          local raw = call('GET', estimate.key)
+          local open = raw and tonumber(match(raw, '^o:(%d+)$'))
           if open ~= nil then
             if open <= amount then
-              redis.call('DEL', estimate.key)
+              call('DEL', estimate.key)
             else
-              redis.call('SET', estimate.key, 'o:' .. int(open - amount), 'KEEPTTL')
+              call('SET', estimate.key, 'o:' .. int(open - amount), 'KEEPTTL')
             end
           end
         end
@@ -473,12 +714,12 @@ if mode == MODE_RELEASE then
     released = 1
   end
   if hold ~= false then
-    redis.call('SET', hold_key, 'x', 'PX', int(hold_ttl_ms))
+    call('SET', hold_key, 'x', 'PX', int(hold_ttl_ms))
   end
   return { now, released }
 end
 
-if mode == MODE_RESERVE and redis.call('EXISTS', hold_key) == 1 then
+if mode == MODE_RESERVE and call('EXISTS', hold_key) == 1 then
   -- A release for this call arrived first: the caller has given up on it.
   return { now, 2 }
 end
@@ -501,13 +742,13 @@ local changed = {}
 for i = base + n + 1, estimate_end do
   local key = KEYS[i]
   if records[key] == nil then
-    local raw = redis.call('GET', key)
+    local raw = call('GET', key)
     if not raw then
       records[key] = false
     elseif raw == 's' then
       records[key] = SETTLED
     else
-      local amount = tonumber(string.match(raw, '^o:(%d+)$'))
+      local amount = tonumber(match(raw, '^o:(%d+)$'))
       if not is_count(amount) then
         fail('unreadable estimate value at ' .. key)
       end
@@ -627,17 +868,17 @@ end
 for key in pairs(changed) do
   local record = records[key]
   if record == false then
-    redis.call('DEL', key)
+    call('DEL', key)
   elseif record == SETTLED then
-    redis.call('SET', key, 's', 'PX', int(estimate_ttl_ms))
+    call('SET', key, 's', 'PX', int(estimate_ttl_ms))
   else
-    redis.call('SET', key, 'o:' .. int(record), 'PX', int(estimate_ttl_ms))
+    call('SET', key, 'o:' .. int(record), 'PX', int(estimate_ttl_ms))
   end
 end
 
 if mode == MODE_RESERVE and holds_anything then
-  local value = 'h:' .. table.concat(held_units, ',') .. ';' .. table.concat(held_estimates, ',')
-  redis.call('SET', hold_key, value, 'PX', int(hold_ttl_ms))
+  local value = 'h:' .. concat(held_units, ',') .. ';' .. concat(held_estimates, ',')
+  call('SET', hold_key, value, 'PX', int(hold_ttl_ms))
 end
 
 local reply = { now, allowed and 1 or 0 }
