@@ -152,7 +152,9 @@ impl Store {
     pub async fn apply_within(&self, batch: &Batch, budget: Option<Duration>) -> Result<BatchOutcome, StoreError> {
         match self {
             Self::Memory(store) => Ok(store.apply(batch)),
-            Self::Redis(store) => store.apply_within(batch, budget).await,
+            // Boxed, so the futures of callers that may never reach Redis
+            // stay small: an async call moves its whole state on creation.
+            Self::Redis(store) => Box::pin(store.apply_within(batch, budget)).await,
         }
     }
 
@@ -166,7 +168,7 @@ impl Store {
     ) -> Result<Guarded, StoreError> {
         match self {
             Self::Memory(store) => Ok(store.accounts().apply_guarded(store, batch, guards)),
-            Self::Redis(store) => store.apply_guarded(batch, guards, budget).await,
+            Self::Redis(store) => Box::pin(store.apply_guarded(batch, guards, budget)).await,
         }
     }
 

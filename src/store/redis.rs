@@ -381,7 +381,8 @@ impl RedisStore {
             Topology::Standalone | Topology::Sentinel => vec![(0..batch.ops.len()).collect()],
         };
         let result = if groups.len() > 1 {
-            slots::apply_across_slots(self, batch, groups, deadline, permit).await
+            // Boxed: the rare cross-slot path would otherwise size every call's future.
+            Box::pin(slots::apply_across_slots(self, batch, groups, deadline, permit)).await
         } else {
             let result = self.judge_in_one_slot(batch, deadline).await;
             drop(permit);
@@ -556,7 +557,7 @@ impl RedisStore {
                         "Redis replied NOSCRIPT (restarted or promoted node); sending the bucket script text"
                     );
                 }
-                self.send(call, guards, ScriptRef::Text, deadline).await.map_err(|error| classify(&error, deadline))
+                Box::pin(self.send(call, guards, ScriptRef::Text, deadline)).await.map_err(|error| classify(&error, deadline))
             }
             reply => reply.map_err(|error| classify(&error, deadline)),
         }
