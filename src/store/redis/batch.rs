@@ -76,8 +76,8 @@ pub fn batch_script() -> String {
     format!("local function bucket_call(KEYS, ARGV)\n{BUCKET_SCRIPT}\nend\n{DRIVER}")
 }
 
-/// The scripts a batch is sent with, by SHA-1, with their texts for a node
-/// that has lost its script cache.
+/// The scripts a batch is sent with, by SHA-1, and the batch script's text
+/// for a node that has lost its script cache.
 pub struct Scripts {
     pub bucket_sha: Str,
     pub batch_sha: Str,
@@ -159,15 +159,21 @@ async fn send(pool: Pool, scripts: Arc<Scripts>, mut calls: Vec<Pending>) {
     }
 
     let (keys, args) = pack(&mut calls);
-    let reply = match client.evalsha::<Value, _, _, _>(scripts.batch_sha.clone(), keys.clone(), args.clone()).await {
-        Err(error) if is_noscript(&error) => {
+    let reply = client.evalsha::<Value, _, _, _>(scripts.batch_sha.clone(), keys, args).await;
+    if let Err(error) = &reply {
+        if is_noscript(error) {
+            // Load the batch script again for the next batches. The calls of
+            // this one fail with NOSCRIPT, and each caller sends the bucket
+            // script text itself.
+            let loaded = client.script_load::<Str, _>(&*scripts.batch_text).await;
             if let Some(suppressed) = scripts.noscript_log.allow() {
-                tracing::warn!(suppressed, "Redis replied NOSCRIPT (restarted or promoted node); sending the batch script text");
+                match loaded {
+                    Ok(_) => tracing::warn!(suppressed, "Redis replied NOSCRIPT (restarted or promoted node); loaded the batch script again"),
+                    Err(error) => tracing::warn!(%error, suppressed, "Redis replied NOSCRIPT and loading the batch script failed; retrying at the next NOSCRIPT"),
+                }
             }
-            client.eval::<Value, _, _, _>(&*scripts.batch_text, keys, args).await
         }
-        reply => reply,
-    };
+    }
     match reply {
         Ok(Value::Array(replies)) if replies.len() == calls.len() => {
             for (call, reply) in calls.into_iter().zip(replies) {
