@@ -4,9 +4,9 @@
 //! `fred` flushes the socket after every `EVALSHA`, so each check sent on
 //! its own costs a write system call here and a command dispatch in Redis.
 //! Calls handed to a [`Batcher`] queue up while the previous command is on
-//! the wire; a dispatcher task takes every queued call at once and sends
-//! them as one call of the batch script, which runs the bucket script for
-//! each in turn and replies with one reply per call. Under light load a
+//! the wire. A dispatcher task takes every queued call at once and sends
+//! them as one call of the batch script. That script runs the bucket script
+//! for each call in turn and replies with one reply per call. Under light load a
 //! batch holds one call and goes out at once as a plain bucket-script call,
 //! so nothing waits for a batch to fill.
 //!
@@ -29,16 +29,16 @@ use tokio::time::Instant;
 use super::script::BUCKET_SCRIPT;
 use crate::telemetry::Throttle;
 
-/// Most calls in one batch, which bounds how long one script runs in Redis
+/// Maximum calls in one batch, which bounds how long one script runs in Redis
 /// (tens of microseconds per call).
 pub const MAX_BATCH: usize = 64;
 
-/// The prefix of a reply that stands for one call's error.
+/// The prefix of a reply that is one call's error.
 const CALL_ERROR: &str = "FRLERR ";
 
 /// Runs the bucket script once for every call packed into KEYS and ARGV:
 /// `ARGV[1]` is the call count m, `ARGV[2 .. 2m+1]` the key and argument
-/// counts of each call, then every call's arguments in order; KEYS holds
+/// counts of each call, then every call's arguments in order; KEYS contains
 /// every call's keys in order. Replies with one entry per call: the bucket
 /// script's reply, or `FRLERR <message>` when that call raised an error.
 const DRIVER: &str = r"
