@@ -266,8 +266,8 @@ def print_tables(results):
             print(f"Script ceiling on the same Redis (redis-benchmark EVALSHA, 50 clients): "
                   f"{ceiling['unpipelined']:.0f}/s unpipelined, {ceiling['pipelined_16']:.0f}/s pipelined 16 deep.\n")
         print("| keys | conns | in flight | decisions/s | vs script | p50 µs | p99 µs | p99.9 µs | CPU µs/decision | "
-              "script calls/decision | denied % | errors |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "script calls/decision | denied % | allowed (max of runs) | errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for cell in cells:
             runs = cell["runs"]
             throughput = median_range([r["throughput"] for r in runs])
@@ -281,7 +281,7 @@ def print_tables(results):
             print(f"| {keys} | {cell['connections']} | {cell['in_flight']} | {fmt(throughput)} | {ratio} | "
                   f"{fmt(median_range([r['p50_us'] for r in runs]))} | {fmt(median_range([r['p99_us'] for r in runs]))} | "
                   f"{fmt(median_range([r['p999_us'] for r in runs]))} | {fmt(median_range(cpu), 1)} | {calls} | "
-                  f"{denied:.0f} | {errors} |")
+                  f"{denied:.0f} | {max(r['allowed'] for r in runs):,} | {errors} |")
 
 
 if __name__ == "__main__":
