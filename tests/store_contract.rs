@@ -1135,6 +1135,87 @@ async fn redis_script_matches_judge() {
     assert!(plain[1] >= 30, "too few guarded calls of the plain shape: {plain:?}");
 }
 
+/// Calls sent together share one command of the batch script, which reads
+/// each call in place. Each round sends up to 12 random calls at once, some
+/// guarded, and checks every reply against judge() applied in the order the
+/// calls were sent.
+#[tokio::test]
+async fn redis_batches_match_judge() {
+    let h = Harness::redis().await;
+    let params = comparison_params();
+    let mut random = Random(0x2545_f491_4f6c_dd1d);
+    let mut current = [0, 1, 4, 6];
+    let mut states: HashMap<String, BucketState> = HashMap::new();
+    let mut estimates = Estimates::default();
+    h.set_record(&h.record_key(), RECORD_BEFORE);
+    let commands_before = evalsha_calls(h.server());
+    let mut calls = 0_u64;
+    let mut plain = 0_u32;
+
+    for round in 0..150_u64 {
+        let mut sent = Vec::new();
+        for _ in 0..1 + random.below(12) {
+            let mut ops: Vec<BucketOp> =
+                (0..1 + random.below(3)).map(|_| random_op(&mut random, &h, round, &params, &mut current)).collect();
+            if random.chance(60) {
+                for op in &mut ops {
+                    op.reports.clear();
+                    op.estimates.clear();
+                }
+            }
+            let guard = random.chance(30).then(|| if random.chance(25) { RECORD_AFTER } else { RECORD_BEFORE });
+            sent.push((ops, guard));
+        }
+        calls += sent.len() as u64;
+        let outcomes = futures_util::future::join_all(sent.iter().map(|(ops, guard)| {
+            let h = &h;
+            async move {
+                match guard {
+                    Some(expected) => h.apply_guarded(ops.clone(), Some(expected)).await,
+                    None => Guarded::Judged(h.apply(ops.clone()).await),
+                }
+            }
+        }))
+        .await;
+
+        for ((ops, guard), outcome) in sent.iter().zip(outcomes) {
+            let out = match outcome {
+                Guarded::Stale(actual) => {
+                    assert_eq!(*guard, Some(RECORD_AFTER), "round {round}: a holding guard was stale");
+                    assert_eq!(actual, [Some(RECORD_BEFORE.to_owned())], "round {round}");
+                    continue;
+                }
+                Guarded::Judged(out) => {
+                    assert_ne!(*guard, Some(RECORD_AFTER), "round {round}: a stale guard judged {ops:#?}");
+                    out
+                }
+            };
+            let before: Vec<Option<BucketState>> = ops.iter().map(|op| states.get(&op.key).copied()).collect();
+            let expected = judge(ops, &before, out.now_ms, &mut estimates);
+            assert_eq!(out, expected, "round {round}: the batch script and judge() differ for {ops:#?}");
+            if is_plain(ops, &before) {
+                plain += 1;
+            }
+            for (op, result) in ops.iter().zip(&expected.buckets) {
+                states.insert(op.key.clone(), result.state);
+            }
+        }
+    }
+    let commands = evalsha_calls(h.server()) - commands_before;
+    assert!(commands < calls / 2, "{calls} calls took {commands} commands");
+    assert!(plain >= 200, "too few calls of the plain shape: {plain}");
+}
+
+/// EVALSHA calls a Redis server has served, from `INFO commandstats`.
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find(|line| line.starts_with("cmdstat_evalsha:"))
+        .and_then(|line| line.split("calls=").nth(1)?.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Returns whether the script judges `ops` on its plain path: no reports,
 /// no estimates, every bucket key once, and stored states at the new scale.
 fn is_plain(ops: &[BucketOp], before: &[Option<BucketState>]) -> bool {

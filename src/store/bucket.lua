@@ -93,15 +93,17 @@
 -- messages. Both paths take the same steps in the same order, so they give
 -- the same reply and the same writes.
 --
--- `now` is an argument and the globals are cached in the function's own
--- locals, because a closure costs more for every upvalue it captures.
-local function judge_plain(now)
+-- The call's keys and arguments are keys[kb + 1 .. kb + nk] and
+-- argv[ab + 1 .. ab + na], so the batch script can pass the calls packed
+-- into its own KEYS and ARGV without copying them. `now` is an argument and
+-- the globals are cached in the function's own locals, because a closure
+-- costs more for every upvalue it captures.
+local function judge_plain(now, keys, argv, kb, ab, nk, na)
   local tonumber, floor, ceil = tonumber, math.floor, math.ceil
   local format, match, call = string.format, string.match, redis.call
   local MAX_EXACT = 9007199254740992 -- 2^53
-  local argv, keys = ARGV, KEYS
-  local n = tonumber(argv[2])
-  if argv[1] ~= '0' or not n or n < 1 or n % 1 ~= 0 or keys[n] == nil then
+  local n = tonumber(argv[ab + 2])
+  if argv[ab + 1] ~= '0' or not n or n < 1 or n % 1 ~= 0 or n > nk or 9 * n + 5 > na then
     return nil
   end
 
@@ -109,7 +111,7 @@ local function judge_plain(now)
   -- fractional parts (x % 1, NaN for infinity) add up to 0 only when each
   -- is 0, and a sum below 2^53 bounds each term. Valid counts whose sum
   -- reaches 2^53 go to the general path.
-  local slack, estimate_ttl, hold_ttl = tonumber(argv[3]), tonumber(argv[4]), tonumber(argv[5])
+  local slack, estimate_ttl, hold_ttl = tonumber(argv[ab + 3]), tonumber(argv[ab + 4]), tonumber(argv[ab + 5])
   if not (slack and estimate_ttl and hold_ttl and slack >= 0 and estimate_ttl >= 0 and hold_ttl >= 0
       and slack % 1 + estimate_ttl % 1 + hold_ttl % 1 == 0
       and slack + estimate_ttl + hold_ttl < MAX_EXACT) then
@@ -124,13 +126,13 @@ local function judge_plain(now)
   -- growing it one field at a time.
   local ops = {}
   for i = 1, n do
-    local a = 9 * i - 3 -- the first field of operation i
+    local a = ab + 9 * i - 3 -- the first field of operation i
     if argv[a + 7] ~= '0' or argv[a + 8] ~= '0' then
       return nil -- reports or estimates
     end
-    local key = keys[i]
+    local key = keys[kb + i]
     for j = 1, i - 1 do
-      if keys[j] == key then
+      if keys[kb + j] == key then
         return nil -- the general path writes such a key once per operation
       end
     end
@@ -161,20 +163,26 @@ local function judge_plain(now)
   -- keys follow the bucket keys.
   local guard_at = 9 * n + 6
   local guards = 0
-  if argv[guard_at] ~= nil then
-    guards = tonumber(argv[guard_at])
-    if not guards or guards < 1 or guards % 1 ~= 0 or argv[guard_at + guards] == nil then
+  if guard_at <= na then
+    guards = tonumber(argv[ab + guard_at])
+    if not guards or guards < 1 or guards % 1 ~= 0 or guard_at + guards > na then
       return nil
     end
   end
-  if argv[guard_at + guards + 1] ~= nil or keys[n + guards] == nil or keys[n + guards + 1] ~= nil then
+  -- The call's arguments end with its guards, or with its operations when
+  -- it has none, and its keys end with the guard keys.
+  local last_arg = guard_at - 1
+  if guards > 0 then
+    last_arg = guard_at + guards
+  end
+  if na ~= last_arg or nk ~= n + guards then
     return nil
   end
   for g = 1, guards do
-    if (call('GET', keys[n + g]) or '-') ~= argv[guard_at + g] then
+    if (call('GET', keys[kb + n + g]) or '-') ~= argv[ab + guard_at + g] then
       local stale = { now, 3 }
       for h = 1, guards do
-        stale[h + 2] = call('GET', keys[n + h]) or '-'
+        stale[h + 2] = call('GET', keys[kb + n + h]) or '-'
       end
       return stale
     end
@@ -194,12 +202,12 @@ local function judge_plain(now)
     local op = ops[i]
     local scale, max_level, refill = op[1], op[3], op[4]
     local level, stamp = 0, now
-    local raw = call('GET', keys[i])
+    local raw = call('GET', keys[kb + i])
     if raw then
       -- The scale is compared as text because ARGV contains it in the same
       -- digits.
       local level_text, stamp_text, scale_text = match(raw, '^(%d+):(%d+):(%d+)$')
-      if not level_text or scale_text ~= argv[9 * i - 2] then
+      if not level_text or scale_text ~= argv[ab + 9 * i - 2] then
         return nil -- unreadable, or stored at another scale
       end
       level, stamp = tonumber(level_text), tonumber(stamp_text)
@@ -270,14 +278,14 @@ local function judge_plain(now)
     end
     if level == 0 then
       if op[9] then
-        call('DEL', keys[i])
+        call('DEL', keys[kb + i])
       end
     else
       -- The level, stamp and scale stay below 2^53, which '%d' prints
       -- exactly, as int() below does.
       local value = format('%d:%d:%d', level, stamp, scale)
       if refill == 0 then
-        call('SET', keys[i], value)
+        call('SET', keys[kb + i], value)
       else
         local wait = stamp + ceil(level / refill) * op[5] - now
         if wait < 0 then
@@ -292,17 +300,21 @@ local function judge_plain(now)
         else
           ttl = format('%.0f', ttl)
         end
-        call('SET', keys[i], value, 'PX', ttl)
+        call('SET', keys[kb + i], value, 'PX', ttl)
       end
     end
   end
   return reply
 end
 
+
+-- Main part. The batch script (src/store/redis/batch.rs) keeps everything
+-- above this line at its top level and runs what follows as a function of
+-- each call's KEYS and ARGV.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
-local plain = judge_plain(now)
+local plain = judge_plain(now, KEYS, ARGV, 0, 0, #KEYS, #ARGV)
 if plain then
   return plain
 end

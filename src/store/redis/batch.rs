@@ -36,29 +36,36 @@ pub const MAX_BATCH: usize = 64;
 /// The prefix of a reply that is one call's error.
 const CALL_ERROR: &str = "FRLERR ";
 
-/// Runs the bucket script once for every call packed into KEYS and ARGV:
-/// `ARGV[1]` is the call count m, `ARGV[2 .. 2m+1]` the key and argument
-/// counts of each call, then every call's arguments in order; KEYS contains
-/// every call's keys in order. Replies with one entry per call: the bucket
-/// script's reply, or `FRLERR <message>` when that call raised an error.
+/// Judges every call packed into KEYS and ARGV: `ARGV[1]` is the call count
+/// m, `ARGV[2 .. 2m+1]` the key and argument counts of each call, then
+/// every call's arguments in order; KEYS contains every call's keys in
+/// order. The plain path reads each call in place. A call it does not take
+/// is copied out and judged by the whole bucket script. Replies with one
+/// entry per call: the bucket script's reply, or `FRLERR <message>` when
+/// that call raised an error.
 const DRIVER: &str = r"
 local count = tonumber(ARGV[1])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local replies = {}
 local key_at = 1
 local arg_at = 2 + 2 * count
 for c = 1, count do
   local key_count = tonumber(ARGV[2 * c])
   local arg_count = tonumber(ARGV[2 * c + 1])
-  local keys, argv = {}, {}
-  for i = 1, key_count do
-    keys[i] = KEYS[key_at + i - 1]
-  end
-  for i = 1, arg_count do
-    argv[i] = ARGV[arg_at + i - 1]
+  local ok, reply = pcall(judge_plain, now, KEYS, ARGV, key_at - 1, arg_at - 1, key_count, arg_count)
+  if ok and reply == nil then
+    local keys, argv = {}, {}
+    for i = 1, key_count do
+      keys[i] = KEYS[key_at + i - 1]
+    end
+    for i = 1, arg_count do
+      argv[i] = ARGV[arg_at + i - 1]
+    end
+    ok, reply = pcall(bucket_call, keys, argv)
   end
   key_at = key_at + key_count
   arg_at = arg_at + arg_count
-  local ok, reply = pcall(bucket_call, keys, argv)
   if ok then
     replies[c] = reply
   elseif type(reply) == 'table' and reply.err then
@@ -70,10 +77,15 @@ end
 return replies
 ";
 
-/// The batch script: the bucket script as a function of its KEYS and ARGV,
-/// then the driver that calls it for each packed call.
+/// The line of the bucket script where its main part starts, after the
+/// plain path's definition.
+const MAIN_PART: &str = "\nlocal time = redis.call('TIME')";
+
+/// The batch script: the bucket script's plain path, its main part as a
+/// function of KEYS and ARGV, then the driver that judges each packed call.
 pub fn batch_script() -> String {
-    format!("local function bucket_call(KEYS, ARGV)\n{BUCKET_SCRIPT}\nend\n{DRIVER}")
+    let (plain, main) = BUCKET_SCRIPT.split_at(BUCKET_SCRIPT.find(MAIN_PART).expect("the bucket script has a main part"));
+    format!("{plain}\nlocal function bucket_call(KEYS, ARGV)\n{main}\nend\n{DRIVER}")
 }
 
 /// The scripts a batch is sent with, by SHA-1, and the batch script's text
@@ -235,6 +247,14 @@ fn is_noscript(error: &RedisError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_script_splits_the_bucket_script_once() {
+        assert_eq!(BUCKET_SCRIPT.matches(MAIN_PART).count(), 1);
+        let script = batch_script();
+        assert!(script.contains("local function judge_plain("));
+        assert!(script.contains("local function bucket_call(KEYS, ARGV)"));
+    }
 
     #[test]
     fn pack_puts_counts_then_arguments_in_call_order() {
