@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::bucket::{BucketParams, BucketState};
@@ -35,6 +36,9 @@ pub struct DenyCache {
     clock: Clock,
     max_age: Duration,
     entries: Mutex<HashMap<String, Entry>>,
+    /// Counts clears, so an outcome read before a clear is not learned
+    /// after it.
+    generation: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +53,7 @@ struct Entry {
 
 impl DenyCache {
     pub fn new(clock: Clock, max_age: Duration) -> Self {
-        Self { clock, max_age, entries: Mutex::new(HashMap::new()) }
+        Self { clock, max_age, entries: Mutex::new(HashMap::new()), generation: AtomicU64::new(0) }
     }
 
     fn max_age_ms(&self) -> u64 {
@@ -101,14 +105,24 @@ impl DenyCache {
         (!allowed).then_some(BatchOutcome { now_ms, allowed: false, buckets })
     }
 
+    /// Returns the current generation, to pass to [`learn`](Self::learn)
+    /// with the outcome of a store call that starts now.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Learns from a store outcome: a denial caches every bucket's state, an
-    /// admission or a credit drops what was cached for those buckets.
-    pub fn learn(&self, ops: &[BucketOp], outcome: &BatchOutcome) {
+    /// admission or a credit drops what was cached for those buckets. An
+    /// outcome of a call that started before the last clear (`generation`
+    /// is older) only drops entries, since it may predate the change that
+    /// caused the clear.
+    pub fn learn(&self, generation: u64, ops: &[BucketOp], outcome: &BatchOutcome) {
         if !self.enabled() {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let denied = !outcome.allowed && ops.iter().all(|op| op.credit == 0 && op.reports.is_empty());
+        let current = self.generation.load(Ordering::Acquire) == generation;
+        let denied = current && !outcome.allowed && ops.iter().all(|op| op.credit == 0 && op.reports.is_empty());
         if !denied {
             for op in ops {
                 entries.remove(&op.key);
@@ -127,6 +141,47 @@ impl DenyCache {
 
     /// Drops every entry; for a change of limits or tiers.
     pub fn clear(&self) {
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denied_check(params: BucketParams) -> (Vec<BucketOp>, BatchOutcome) {
+        let mut state = BucketState::full(&params, 0);
+        state.charge(&params, 30);
+        let op = BucketOp {
+            key: "b".into(),
+            params,
+            check: Some(1),
+            shadow: false,
+            credit: 0,
+            reports: Vec::new(),
+            estimates: Vec::new(),
+        };
+        let result = BucketResult { state, fits: false, charged: false, forgiven: 0, settlements: Vec::new() };
+        (vec![op], BatchOutcome { now_ms: 0, allowed: false, buckets: vec![result] })
+    }
+
+    #[test]
+    fn learn_caches_a_denial_of_the_current_generation() {
+        let cache = DenyCache::new(Clock::manual(0), Duration::from_secs(5));
+        let (ops, outcome) = denied_check(BucketParams::new(30, 60_000, 30).expect("exact"));
+        cache.learn(cache.generation(), &ops, &outcome);
+        assert!(cache.deny_locally(&ops).is_some());
+    }
+
+    #[test]
+    fn learn_skips_a_denial_read_before_a_clear() {
+        let cache = DenyCache::new(Clock::manual(0), Duration::from_secs(5));
+        let (ops, outcome) = denied_check(BucketParams::new(30, 60_000, 30).expect("exact"));
+        let before = cache.generation();
+        cache.clear();
+        cache.learn(before, &ops, &outcome);
+        assert!(cache.deny_locally(&ops).is_none(), "a denial from before an account change was cached");
     }
 }

@@ -183,12 +183,13 @@ impl Limiter {
             Some(local)
         } else {
             let started = Instant::now();
+            let generation = self.deny_cache.generation();
             let outcome = match self.store.apply_guarded(&batch, guards, budget).await? {
                 Guarded::Judged(outcome) => outcome,
                 Guarded::Stale(actual) => return Ok(Judged::Stale(actual)),
             };
             store_elapsed = Some(started.elapsed());
-            self.deny_cache.learn(&batch.ops, &outcome);
+            self.deny_cache.learn(generation, &batch.ops, &outcome);
             Some(outcome)
         };
         let mut decision = decision::read(&plan.descriptors, &batch.ops, outcome.as_ref(), plan.too_large);
