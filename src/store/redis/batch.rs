@@ -147,13 +147,16 @@ async fn dispatch(mut receiver: mpsc::UnboundedReceiver<Pending>, pool: Pool, sc
 }
 
 /// Sends one batch and hands each call its reply.
-async fn send(pool: Pool, scripts: Arc<Scripts>, mut calls: Vec<Pending>) {
-    let deadline = calls.iter().map(|call| call.deadline).max().unwrap_or_else(Instant::now);
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    if remaining.is_zero() {
-        let error = RedisError::new(ErrorKind::Timeout, "the deadline passed before the command was sent");
-        return fail_all(calls, &error);
+async fn send(pool: Pool, scripts: Arc<Scripts>, calls: Vec<Pending>) {
+    // A call whose own deadline has passed is never sent, whatever the
+    // deadlines of the others.
+    let now = Instant::now();
+    let (late, mut calls): (Vec<Pending>, Vec<Pending>) = calls.into_iter().partition(|call| call.deadline <= now);
+    if !late.is_empty() {
+        fail_all(late, &RedisError::new(ErrorKind::Timeout, "the deadline passed before the command was sent"));
     }
+    let Some(deadline) = calls.iter().map(|call| call.deadline).max() else { return };
+    let remaining = deadline.saturating_duration_since(now);
     let client = pool.next_connected();
     if !client.is_connected() {
         let error = RedisError::new(ErrorKind::IO, "no Redis connection is up; the clients are reconnecting");
