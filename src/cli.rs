@@ -80,12 +80,13 @@ pub struct ServeArgs {
     /// promotion made through another replica can be missed for this long.
     #[arg(long, env = "FIKRA_DENY_CACHE_MS", default_value_t = 0)]
     pub deny_cache_ms: u64,
-    /// Threads that serve calls; 0 starts one per CPU. One thread (the
-    /// default) spends the least CPU per decision and batches store writes
-    /// best. It serves tens of thousands of decisions per second, and
-    /// replicas add more.
-    #[arg(long, env = "FIKRA_WORKER_THREADS", default_value_t = 1)]
-    pub worker_threads: usize,
+    /// Threads that serve calls, at most 1024; 0 starts one per CPU. One
+    /// thread (the default) spends the least CPU per decision and batches
+    /// store writes best. It serves tens of thousands of decisions per
+    /// second, and replicas on Redis add more. The in-memory store runs as
+    /// one replica, so there use 0 to use every core.
+    #[arg(long, env = "FIKRA_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub worker_threads: u16,
     #[command(flatten)]
     pub bounds: BoundsArgs,
     #[command(flatten)]
@@ -98,7 +99,7 @@ pub struct ServeArgs {
 /// `serve`, one thread for the short-lived commands.
 pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
     let threads = match &cli.command {
-        Command::Serve(args) => args.worker_threads,
+        Command::Serve(args) => usize::from(args.worker_threads),
         Command::Admin(_) | Command::CheckConfig { .. } => 1,
     };
     let mut builder = if threads == 1 {
