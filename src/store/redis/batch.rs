@@ -7,7 +7,7 @@
 //! the wire. A dispatcher task takes every queued call at once and sends
 //! them as one call of the batch script. That script runs the bucket script
 //! for each call in turn and replies with one reply per call. Under light load a
-//! batch holds one call and goes out at once as a plain bucket-script call,
+//! batch has one call and goes out at once as a plain bucket-script call,
 //! so nothing waits for a batch to fill.
 //!
 //! Each call keeps its own outcome: the batch script catches an error of
