@@ -78,7 +78,7 @@ struct Counts {
     errors: AtomicU64,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Arc::new(Args::parse());
     let mut channels = Vec::with_capacity(args.connections);
