@@ -73,6 +73,22 @@ fn decision(c: &mut Criterion) {
             black_box(answer::build(&decision))
         });
     });
+
+    // The answer alone: the six headers of an allowed call, and the headers
+    // and JSON body of a denial.
+    let check = |key: &str| CheckRequest {
+        domain: "fikra".to_owned(),
+        descriptors: vec![Descriptor { entries: vec![entry("api_key", key), entry("meter", "requests")], ..Descriptor::default() }],
+        hits: 0,
+    };
+    let allowed = runtime.block_on(limiter.decide(&check("answer-allowed"))).expect("decision");
+    let mut denied = allowed.clone();
+    for _ in 0..31 {
+        denied = runtime.block_on(limiter.decide(&check("answer-denied"))).expect("decision");
+    }
+    assert!(answer::build(&denied).body.is_some(), "the 31st call is denied");
+    c.bench_function("answer_allowed", |b| b.iter(|| black_box(answer::build(black_box(&allowed)))));
+    c.bench_function("answer_denied", |b| b.iter(|| black_box(answer::build(black_box(&denied)))));
 }
 
 criterion_group!(benches, bucket, key_hashing, decision);
