@@ -51,16 +51,6 @@ async fn one_store_call_per_check() {
     assert_eq!(command_calls(&server) - before, 0, "calls that match no limit touch no state");
 }
 
-/// EVALSHA calls alone, from `INFO commandstats`.
-fn evalsha_calls(server: &RedisServer) -> u64 {
-    server
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .find(|line| line.starts_with("cmdstat_evalsha:"))
-        .and_then(|line| line.split("calls=").nth(1)?.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Checks that are in flight together share Redis commands, and each keeps
 /// its own exact answer: a hot key admits its limit and no more, and every
 /// other key is charged once.
@@ -71,11 +61,11 @@ async fn concurrent_checks_share_commands_and_stay_exact() {
     let limiter = Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), LimiterSettings::default());
     call(&limiter, request("llm", vec![rpm("warm-up", None)])).await;
 
-    let before = evalsha_calls(&server);
+    let before = server.command_calls("evalsha");
     let hot = (0..60).map(|_| call(&limiter, request("llm", vec![rpm("HOT", None)])));
     let spread = (0..60).map(|n| call(&limiter, request("llm", vec![rpm(&format!("K{n}"), None), tpm(&format!("K{n}"), 100)])));
     let (hot, spread) = futures_util::future::join(futures_util::future::join_all(hot), futures_util::future::join_all(spread)).await;
-    let commands = evalsha_calls(&server) - before;
+    let commands = server.command_calls("evalsha") - before;
 
     assert_eq!(hot.iter().filter(|call| call.ok()).count(), 30, "the hot key admits its 30 per minute");
     assert!(spread.iter().all(Call::ok), "every other key is far below its limit");
@@ -98,11 +88,11 @@ async fn an_unreadable_bucket_fails_only_its_own_check_in_a_batch() {
     let bad_key = server.keys("*").pop().expect("the bucket of BAD");
     server.cli(&["SET", &bad_key, "not-a-bucket"]);
 
-    let before = evalsha_calls(&server);
+    let before = server.command_calls("evalsha");
     let bad = try_call(&limiter, request("llm", vec![rpm("BAD", None)]));
     let good = futures_util::future::join_all((0..20).map(|n| try_call(&limiter, request("llm", vec![rpm(&format!("G{n}"), None)]))));
     let (bad, good) = futures_util::future::join(bad, good).await;
-    assert!(evalsha_calls(&server) - before < 21, "the 21 checks shared commands");
+    assert!(server.command_calls("evalsha") - before < 21, "the 21 checks shared commands");
 
     let Err(error) = bad else { panic!("an unreadable bucket is an error") };
     let error = error.to_string();

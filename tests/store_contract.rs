@@ -1148,7 +1148,7 @@ async fn redis_batches_match_judge() {
     let mut states: HashMap<String, BucketState> = HashMap::new();
     let mut estimates = Estimates::default();
     h.set_record(&h.record_key(), RECORD_BEFORE);
-    let commands_before = evalsha_calls(h.server());
+    let commands_before = h.server().command_calls("evalsha");
     let mut calls = 0_u64;
     let mut plain = 0_u32;
 
@@ -1201,19 +1201,9 @@ async fn redis_batches_match_judge() {
             }
         }
     }
-    let commands = evalsha_calls(h.server()) - commands_before;
+    let commands = h.server().command_calls("evalsha") - commands_before;
     assert!(commands < calls / 2, "{calls} calls took {commands} commands");
     assert!(plain >= 200, "too few calls of the plain shape: {plain}");
-}
-
-/// EVALSHA calls a Redis server has served, from `INFO commandstats`.
-fn evalsha_calls(server: &RedisServer) -> u64 {
-    server
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .find(|line| line.starts_with("cmdstat_evalsha:"))
-        .and_then(|line| line.split("calls=").nth(1)?.split(',').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Returns whether the script judges `ops` on its plain path: no reports,

@@ -143,6 +143,17 @@ impl RedisServer {
         stdout
     }
 
+    /// Calls of `command` (lower case, as `evalsha`) this server has served,
+    /// from `INFO commandstats`; 0 before the first.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:");
+        self.cli(&["INFO", "commandstats"])
+            .lines()
+            .find(|line| line.starts_with(&prefix))
+            .and_then(|line| line.split("calls=").nth(1)?.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Lists the keys matching `pattern`, sorted.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         let output = self.cli(&["--scan", "--pattern", pattern]);
