@@ -173,6 +173,12 @@ fn deployment_probes_and_shutdown() {
     let container = &find(&redis, "Deployment", "fikra-ratelimit")["spec"]["template"]["spec"]["containers"][0];
     let url = container["env"].as_array().expect("env").iter().find(|e| e["name"] == "FIKRA_REDIS_URL").expect("FIKRA_REDIS_URL");
     assert_eq!(url["valueFrom"]["secretKeyRef"]["key"], "url");
+
+    // The single in-memory replica serves on every core; Redis replicas on
+    // one thread each.
+    assert_eq!(env("FIKRA_WORKER_THREADS"), Some(Value::from("0")));
+    let redis_threads = container["env"].as_array().expect("env").iter().filter(|e| e["name"] == "FIKRA_WORKER_THREADS");
+    assert_eq!(redis_threads.map(|e| e["value"].clone()).collect::<Vec<_>>(), [Value::from("1")]);
 }
 
 fn ops_duration(text: String) -> f64 {
