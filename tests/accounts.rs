@@ -328,43 +328,33 @@ async fn untrusted_tier_entry_is_ignored() {
     assert_eq!(header(&answer, "x-ratelimit-limit-requests"), 100);
 }
 
-/// Script calls Redis has served (EVALSHA, EVAL, SCRIPT), from `INFO commandstats`.
-fn script_calls(server: &RedisServer) -> u64 {
-    server
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .filter(|line| ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_script"].iter().any(|name| line.starts_with(name)))
-        .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn one_script_call_per_check_with_accounts() {
     let redis = RedisServer::start();
     let (a, b) = two_replicas(&redis).await;
     a.check("sk-warm").await;
 
-    let before = script_calls(&redis);
+    let before = redis.script_calls();
     a.check("sk-warm").await;
-    assert_eq!(script_calls(&redis) - before, 1, "an unknown key");
+    assert_eq!(redis.script_calls() - before, 1, "an unknown key");
 
     top_up(&a, "sk-warm").await;
-    let before = script_calls(&redis);
+    let before = redis.script_calls();
     a.check("sk-warm").await;
-    assert_eq!(script_calls(&redis) - before, 2, "the first check after a change learns the record");
-    let before = script_calls(&redis);
+    assert_eq!(redis.script_calls() - before, 2, "the first check after a change learns the record");
+    let before = redis.script_calls();
     a.check("sk-warm").await;
     b.check("sk-warm").await;
-    let after_first_sight = script_calls(&redis) - before;
+    let after_first_sight = redis.script_calls() - before;
     assert_eq!(after_first_sight, 3, "replica b sees the promoted key for the first time");
-    let before = script_calls(&redis);
+    let before = redis.script_calls();
     a.check("sk-warm").await;
     b.check("sk-warm").await;
-    assert_eq!(script_calls(&redis) - before, 2, "one call per check once known");
+    assert_eq!(redis.script_calls() - before, 2, "one call per check once known");
 }
 
 /// With the local denial cache on, a key over its tier is denied without a
-/// store call; a promotion through this replica applies at its next check,
+/// store call. A promotion through this replica applies at its next check,
 /// and one made through another replica within the cache's maximum age.
 #[tokio::test]
 async fn cached_denials_follow_promotions() {
@@ -382,11 +372,11 @@ async fn cached_denials_follow_promotions() {
         }
         assert_eq!(a.check(key).await.overall_code, 2, "{key} over its 30 per minute");
     }
-    let before = script_calls(&redis);
+    let before = redis.script_calls();
     for _ in 0..20 {
         assert_eq!(a.check(here).await.overall_code, 2);
     }
-    assert_eq!(script_calls(&redis), before, "denials of a known empty bucket make no store call, accounts or not");
+    assert_eq!(redis.script_calls(), before, "denials of a known empty bucket make no store call, accounts or not");
 
     top_up(&a, here).await;
     let promoted = a.check(here).await;

@@ -23,15 +23,6 @@ async fn redis_limiter(server: &RedisServer, max_age: Duration) -> Limiter {
     Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), settings(max_age))
 }
 
-/// Script calls Redis has served, from `INFO commandstats`.
-fn script_calls(server: &RedisServer) -> u64 {
-    let info = server.cli(&["INFO", "commandstats"]);
-    info.lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
-        .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn hot_key_denials_skip_the_store() {
     let server = RedisServer::start();
@@ -42,14 +33,14 @@ async fn hot_key_denials_skip_the_store() {
     let first = call(&limiter, request("llm", vec![rpm("hot", None)])).await;
     assert!(!first.ok());
 
-    let before = script_calls(&server);
+    let before = server.script_calls();
     for _ in 0..200 {
         let denied = call(&limiter, request("llm", vec![rpm("hot", None)])).await;
         assert!(!denied.ok());
         assert_eq!(denied.header("x-ratelimit-remaining-requests"), Some("0"));
         assert!(denied.header("retry-after").is_some());
     }
-    assert_eq!(script_calls(&server) - before, 0, "no store call while the cache knows the bucket is empty");
+    assert_eq!(server.script_calls() - before, 0, "no store call while the cache knows the bucket is empty");
 }
 
 #[tokio::test]

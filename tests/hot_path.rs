@@ -1,5 +1,5 @@
 //! The decision path makes at most one store call per check, whatever the
-//! number of descriptors, and none for calls that need no state; checks in
+//! number of descriptors, and none for calls that need no state. Checks in
 //! flight together share Redis commands.
 
 #[path = "support/limiter.rs"]
@@ -11,18 +11,6 @@ use fikra_ratelimit::limiter::{Limiter, LimiterSettings};
 use fikra_ratelimit::store::{RedisStore, Store};
 use redis::RedisServer;
 use support::*;
-
-/// Script calls Redis has served, from `INFO commandstats`. Commands a
-/// script runs inside Redis are counted there too, so the count is of the
-/// round trips that matter: EVALSHA, EVAL and SCRIPT.
-fn command_calls(server: &RedisServer) -> u64 {
-    server
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .filter(|line| ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_script"].iter().any(|name| line.starts_with(name)))
-        .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-        .sum()
-}
 
 #[tokio::test]
 async fn one_store_call_per_check() {
@@ -40,19 +28,19 @@ async fn one_store_call_per_check() {
     ];
     for descriptors in shapes {
         let count = descriptors.len();
-        let before = command_calls(&server);
+        let before = server.script_calls();
         assert!(call(&limiter, request("llm", descriptors)).await.ok());
-        assert_eq!(command_calls(&server) - before, 1, "a call with {count} descriptors");
+        assert_eq!(server.script_calls() - before, 1, "a call with {count} descriptors");
     }
 
-    let before = command_calls(&server);
+    let before = server.script_calls();
     call(&limiter, request("llm", vec![desc(&[("api_key", "K4"), ("kind", "other")])])).await;
     call(&limiter, request("llm-unknown", vec![rpm("K4", None)])).await;
-    assert_eq!(command_calls(&server) - before, 0, "calls that match no limit touch no state");
+    assert_eq!(server.script_calls() - before, 0, "calls that match no limit touch no state");
 }
 
 /// Checks that are in flight together share Redis commands, and each keeps
-/// its own exact answer: a hot key admits its limit and no more, and every
+/// its own exact result: a hot key admits its limit and no more, and every
 /// other key is charged once.
 #[tokio::test]
 async fn concurrent_checks_share_commands_and_stay_exact() {
@@ -80,7 +68,7 @@ async fn concurrent_checks_share_commands_and_stay_exact() {
 /// A stored value the script cannot read fails that check alone; the checks
 /// that shared its command are still counted.
 #[tokio::test]
-async fn an_unreadable_bucket_fails_only_its_own_check_in_a_batch() {
+async fn batch_fails_only_the_unreadable_check() {
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis");
     let limiter = Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), LimiterSettings::default());

@@ -154,6 +154,18 @@ impl RedisServer {
             .unwrap_or(0)
     }
 
+    /// Script round trips this server has served: EVALSHA, EVAL and SCRIPT
+    /// calls from `INFO commandstats`. The commands a script runs inside
+    /// Redis are not among them.
+    pub fn script_calls(&self) -> u64 {
+        let names = ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_script"];
+        self.cli(&["INFO", "commandstats"])
+            .lines()
+            .filter(|line| names.iter().any(|name| line.starts_with(name)))
+            .filter_map(|line| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Lists the keys matching `pattern`, sorted.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         let output = self.cli(&["--scan", "--pattern", pattern]);
