@@ -74,8 +74,8 @@ fn decision(c: &mut Criterion) {
         });
     });
 
-    // The answer alone: the six headers of an allowed call, and the headers
-    // and JSON body of a denial.
+    // The response builder alone: the six headers of an allowed call, and
+    // the headers and JSON body of a denial.
     let check = |key: &str| CheckRequest {
         domain: "fikra".to_owned(),
         descriptors: vec![Descriptor { entries: vec![entry("api_key", key), entry("meter", "requests")], ..Descriptor::default() }],

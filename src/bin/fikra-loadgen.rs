@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, default_value = "fikra")]
     domain: String,
     /// Calls per second in all, spread evenly over the workers; without it
-    /// each worker sends its next call as soon as the last is answered.
+    /// each worker sends its next call as soon as the last one returns.
     #[arg(long)]
     rate: Option<f64>,
     /// PID of the service, to read its CPU time from /proc/PID/stat.

@@ -88,9 +88,11 @@ impl Limiter {
         self.deny_cache.clear();
     }
 
-    /// Drops what this replica knows of accounts' tiers and overrides,
-    /// after a change made through it: cached denials and the records last
-    /// seen, so the next check reads the new record at once.
+    /// Drops this replica's cached denials and account records after an
+    /// account change made through it, so the next check reads the new
+    /// record at once.
+    // NOTE: every record is dropped, not only the changed account's, so each
+    // key seen before costs one extra store round trip after the change.
     pub fn forget_accounts(&self) {
         self.deny_cache.clear();
         self.records.clear();
@@ -174,8 +176,8 @@ impl Limiter {
             estimate_ttl: self.settings.estimate_ttl,
         };
         let mut store_elapsed = None;
-        // The local denial cache answers for the tier last seen. An account
-        // change made through this replica clears it; one made through
+        // The local denial cache denies by the tier last seen. An account
+        // change made through this replica clears it, and one made through
         // another is missed for at most the cache's maximum age.
         let outcome = if batch.ops.is_empty() {
             None

@@ -275,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn unpack_turns_an_error_entry_into_that_call_error() {
+    fn unpack_error_entry_fails_its_call() {
         let error = unpack(Value::String("FRLERR FRLSCRIPT unreadable bucket value at k".into())).unwrap_err();
         assert_eq!(error.details(), "FRLSCRIPT unreadable bucket value at k");
         assert!(unpack(Value::Array(vec![Value::Integer(1)])).is_ok());
