@@ -175,8 +175,8 @@ impl<'a> Harness<'a> {
         self.store.apply_guarded(&batch(ops), &[guard], None).await.expect("the store judges the guarded batch")
     }
 
-    /// Number of buckets the store holds for this test: in Redis, the
-    /// fields of the hash that holds the buckets of its tag.
+    /// Number of buckets the store keeps for this test: in Redis, the
+    /// fields of the hash that contains the buckets of its tag.
     fn stored_buckets(&self) -> usize {
         let hash = format!("frl1:{{t{}}}:b", self.tag);
         let count = |output: String| output.parse().unwrap_or_else(|_| panic!("HLEN {hash} returned {output:?}"));
@@ -819,10 +819,13 @@ async fn redis_keys_expire_when_full() {
     assert!(pttl as u64 > bounds[0], "PTTL of {hash} is {pttl}, below the fast bucket's {}", bounds[0]);
     assert!(pttl as u64 <= bounds[1], "PTTL of {hash} is {pttl}, above {}", bounds[1]);
 
-    // A write that needs a shorter TTL never shortens the hash's.
-    h.apply(vec![check(&fast, fast_params, 1)]).await;
+    // A write that needs a shorter TTL never shortens the hash's TTL. A
+    // report takes the general path. The slow bucket needs hours, so a
+    // minute of margin covers the test's own time.
+    h.apply(vec![report(&fast, fast_params, 1, None)]).await;
     let after = h.server().pttl(hash);
-    assert!(after as u64 > bounds[0] && after <= pttl, "PTTL of {hash} went from {pttl} to {after}");
+    assert!(after as u64 + 60_000 > bounds[1], "PTTL of {hash} went from {pttl} to {after}");
+    assert!(after <= pttl, "PTTL of {hash} grew from {pttl} to {after}");
 
     let pttl = h.server().pttl(&r);
     assert!(pttl > 0, "estimate PTTL is {pttl}");
@@ -831,6 +834,42 @@ async fn redis_keys_expire_when_full() {
 
     h.apply(vec![report(&slow_key, slow_params, 30, Some(&r))]).await;
     assert_eq!(h.server().cli(&["GET", &r]), "s");
+}
+
+/// The plain path (checks only) gives a hash the TTL of its longest-lived
+/// bucket and never shortens it, also when the buckets arrive in another
+/// order or alone.
+#[tokio::test]
+async fn redis_hash_ttl_covers_longest_bucket() {
+    let h = Harness::redis().await;
+    let (fast, slow_key) = (h.bucket("fast"), h.bucket("slow"));
+    let fast_params = BucketParams::new(10, 1000, 10).expect("exact params");
+    let slow_params = slow(100);
+    let (hash, _) = redis_location(&fast);
+    let slack = TTL_SLACK.as_millis() as u64;
+
+    // The slow bucket needs hours, the fast one less than a second; a
+    // minute of margin covers the time the test takes.
+    let out = h.apply(vec![check(&fast, fast_params, 4), check(&slow_key, slow_params, 30)]).await;
+    assert!(out.allowed);
+    let fast_needs = out.buckets[0].state.reset_ms(&fast_params, out.now_ms) + slack;
+    let slow_needs = out.buckets[1].state.reset_ms(&slow_params, out.now_ms) + slack;
+    assert!(fast_needs + 60_000 < slow_needs, "{fast_needs} {slow_needs}");
+    let pttl = h.server().pttl(hash) as u64;
+    assert!(pttl + 60_000 > slow_needs, "PTTL {pttl} of {hash} does not cover the slow bucket ({slow_needs})");
+    assert!(pttl <= slow_needs, "PTTL {pttl} of {hash} is above the slow bucket's {slow_needs}");
+
+    h.apply(vec![check(&fast, fast_params, 1)]).await;
+    let after = h.server().pttl(hash) as u64;
+    assert!(after + 60_000 > slow_needs, "a check of the fast bucket cut PTTL {pttl} to {after}");
+
+    // A new hash gets a TTL from its first write.
+    let other = h.bucket_elsewhere("fast");
+    h.apply(vec![check(&other, fast_params, 1)]).await;
+    let (other_hash, _) = redis_location(&other);
+    let ttl = h.server().pttl(other_hash);
+    assert!(ttl > 0, "PTTL {ttl} of a new hash");
+    assert!(ttl as u64 <= 100 + slack, "PTTL {ttl} of a new hash");
 }
 
 #[tokio::test]
