@@ -73,9 +73,8 @@ async fn batch_fails_only_the_unreadable_check() {
     let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis");
     let limiter = Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), LimiterSettings::default());
     assert!(call(&limiter, request("llm", vec![rpm("BAD", None)])).await.ok());
-    let bad_hash = server.keys("*").pop().expect("the bucket hash of BAD");
-    let bad_field = server.cli(&["HKEYS", &bad_hash]).trim().to_owned();
-    server.cli(&["HSET", &bad_hash, &bad_field, "not-a-bucket"]);
+    let bad_key = server.keys("*").pop().expect("the bucket of BAD");
+    server.cli(&["SET", &bad_key, "not-a-bucket"]);
 
     let before = server.command_calls("evalsha");
     let bad = try_call(&limiter, request("llm", vec![rpm("BAD", None)]));
@@ -86,7 +85,7 @@ async fn batch_fails_only_the_unreadable_check() {
     let Err(error) = bad else { panic!("an unreadable bucket is an error") };
     let error = error.to_string();
     assert!(error.contains("unreadable bucket value"), "{error}");
-    assert_eq!(server.cli(&["HGET", &bad_hash, &bad_field]).trim(), "not-a-bucket", "the failed check wrote nothing");
+    assert_eq!(server.cli(&["GET", &bad_key]).trim(), "not-a-bucket", "the failed check wrote nothing");
     for (n, result) in good.into_iter().enumerate() {
         let first = result.expect("a readable bucket is judged");
         assert!(first.ok());

@@ -1,7 +1,7 @@
 //! Store key names.
 //!
 //! A key never contains an API key or any other entry value in clear text.
-//! Entries are hashed with BLAKE3, so every key has a fixed length of 38
+//! Entries are hashed with BLAKE3, so every key has a fixed length of 42
 //! bytes whatever the values, short enough for Redis to keep its name in a
 //! 48-byte allocation. Each value is hashed once, so an 8 KiB value costs
 //! little more than a short one. The layout is versioned (`frl1`), so a
@@ -10,10 +10,6 @@
 //! one Redis Cluster hash tag, so one script judges a key's requests and
 //! tokens buckets and its estimates together, while different API keys
 //! spread over the cluster.
-//!
-//! A bucket key `frl1:{T}:b:I` names a bucket. Redis keeps the buckets of
-//! one tag as the fields `I` of one hash, `frl1:{T}:b` (see
-//! [`redis_location`]), which costs less memory than a key per bucket.
 
 use blake3::Hasher;
 
@@ -22,12 +18,9 @@ pub const PREFIX: &str = "frl1";
 
 /// Base64url characters of the hash tag (96 bits).
 const TAG_CHARS: usize = 16;
-/// Base64url characters of a bucket or estimate id (72 bits), unique
-/// within its tag. A bucket id is a field name in Redis, stored once per
-/// bucket, so it is shorter than the tag. 72 bits keep an accidental
-/// collision among one tag's ids out of reach, and finding an id that
-/// matches another caller's bucket would take about 2^72 hashes.
-const ID_CHARS: usize = 12;
+/// Base64url characters of a bucket or estimate id (96 bits), unique
+/// within its tag.
+const ID_CHARS: usize = 16;
 
 /// Builds the key of the bucket named by `domain` and `entries` (the
 /// identity entries, in order).
@@ -73,17 +66,6 @@ pub fn estimate_key(bucket_key: &str, request_id: &str) -> String {
     out
 }
 
-/// Splits a bucket key into the Redis hash that contains the bucket and the
-/// bucket's field in it: `frl1:{T}:b:I` is field `I` of `frl1:{T}:b`. A key
-/// without a `:` before a non-empty last part is field `-` of a hash named
-/// as the key itself.
-pub fn redis_location(bucket_key: &str) -> (&str, &str) {
-    match bucket_key.rsplit_once(':') {
-        Some((hash, field)) if !field.is_empty() => (hash, field),
-        _ => (bucket_key, "-"),
-    }
-}
-
 /// Feeds a length-prefixed field, so ("ab", "c") and ("a", "bc") differ.
 fn field(hasher: &mut Hasher, value: &str) {
     hasher.update(&(value.len() as u64).to_le_bytes());
@@ -115,7 +97,7 @@ mod tests {
         assert_ne!(requests, tokens);
         assert_eq!(requests[..23], tokens[..23]);
         assert_ne!(requests[..23], other[..23]);
-        assert_eq!(requests.len(), 38);
+        assert_eq!(requests.len(), 42);
     }
 
     #[test]
@@ -126,24 +108,9 @@ mod tests {
         let estimate = estimate_key(&key, "req-1");
 
         assert!(!key.contains("sk-live"));
-        assert_eq!(key.len(), 38);
-        assert_eq!(estimate.len(), 38);
+        assert_eq!(key.len(), 42);
+        assert_eq!(estimate.len(), 42);
         assert_eq!(key[..23], estimate[..23]);
-    }
-
-    #[test]
-    fn buckets_of_one_tag_share_a_hash() {
-        let requests = bucket_key("fikra", [("api_key", "k1"), ("meter", "requests")].into_iter());
-        let tokens = bucket_key("fikra", [("api_key", "k1"), ("meter", "tokens")].into_iter());
-        let (hash, field) = redis_location(&requests);
-
-        assert_eq!(hash, &requests[..25]);
-        assert!(hash.ends_with("}:b"), "{hash}");
-        assert_eq!(field.len(), ID_CHARS);
-        assert_eq!(redis_location(&tokens).0, hash);
-        assert_ne!(redis_location(&tokens).1, field);
-        assert_eq!(redis_location("odd"), ("odd", "-"));
-        assert_eq!(redis_location("odd:"), ("odd:", "-"));
     }
 
     #[test]
