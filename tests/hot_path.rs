@@ -12,11 +12,17 @@ use fikra_ratelimit::store::{RedisStore, Store};
 use redis::RedisServer;
 use support::*;
 
-#[tokio::test]
-async fn one_store_call_per_check() {
+/// Starts a private Redis and a limiter on it with the LLM fixture limits.
+async fn redis_limiter() -> (RedisServer, Limiter) {
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis");
     let limiter = Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), LimiterSettings::default());
+    (server, limiter)
+}
+
+#[tokio::test]
+async fn one_store_call_per_check() {
+    let (server, limiter) = redis_limiter().await;
 
     // The first call may set up connections; count from the second.
     call(&limiter, request("llm", vec![rpm("warm-up", None)])).await;
@@ -44,9 +50,7 @@ async fn one_store_call_per_check() {
 /// other key is charged once.
 #[tokio::test]
 async fn concurrent_checks_share_commands_and_stay_exact() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis");
-    let limiter = Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), LimiterSettings::default());
+    let (server, limiter) = redis_limiter().await;
     call(&limiter, request("llm", vec![rpm("warm-up", None)])).await;
 
     let before = server.command_calls("evalsha");
@@ -69,9 +73,7 @@ async fn concurrent_checks_share_commands_and_stay_exact() {
 /// that shared its command are still counted.
 #[tokio::test]
 async fn batch_fails_only_the_unreadable_check() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis");
-    let limiter = Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), LimiterSettings::default());
+    let (server, limiter) = redis_limiter().await;
     assert!(call(&limiter, request("llm", vec![rpm("BAD", None)])).await.ok());
     let bad_key = server.keys("*").pop().expect("the bucket of BAD");
     server.cli(&["SET", &bad_key, "not-a-bucket"]);
@@ -98,9 +100,7 @@ async fn batch_fails_only_the_unreadable_check() {
 /// text and every check in it is judged.
 #[tokio::test]
 async fn batches_survive_a_flushed_script_cache() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect to the test redis");
-    let limiter = Limiter::new(limits(include_str!("fixtures/llm.yaml")), Store::Redis(store), LimiterSettings::default());
+    let (server, limiter) = redis_limiter().await;
     call(&limiter, request("llm", vec![rpm("warm-up", None)])).await;
     server.cli(&["SCRIPT", "FLUSH"]);
 
