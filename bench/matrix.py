@@ -153,8 +153,8 @@ def script_ceiling(port, clients, pipeline, requests):
                          capture_output=True, text=True, check=True).stdout.strip()
     # Judge mode, one operation: a 30-per-minute bucket charged 1.
     args = ["redis-benchmark", "-p", str(port), "-c", str(clients), "-n", str(requests), "-P", str(pipeline),
-            "-r", "10000", "--csv", "EVALSHA", sha, "1", "frl1:{bench__rand_int__}:b:x",
-            "0", "1", "2000", "600000", "0", "30", "2000", "1", "1", "1", "0", "0", "0", "0"]
+            "-r", "10000", "--csv", "EVALSHA", sha, "1", "frl1:{bench__rand_int__}:b",
+            "0", "1", "2000", "600000", "0", "30", "2000", "1", "1", "1", "0", "0", "0", "0", "x"]
     output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     row = output.strip().splitlines()[-1].split(",")
     return float(row[1].strip('"'))

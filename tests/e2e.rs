@@ -300,8 +300,9 @@ async fn denied_check_charges_and_remembers_nothing() {
 
     // A full bucket is not stored, and a denied check stores no estimate for
     // its request id. All keys of one API key share its hash tag.
-    let tokens_bucket = keys::bucket_key("fikra", [("api_key", key), ("meter", "tokens")].into_iter());
-    assert_eq!(gateway.redis.cli(&["EXISTS", &tokens_bucket]), "0", "the tokens bucket was written");
+    let tokens_bucket = keys::bucket_key("fikra", &[("api_key", key), ("meter", "tokens")], true);
+    let (hash, field) = keys::redis_location(&tokens_bucket);
+    assert_eq!(gateway.redis.cli(&["HEXISTS", hash, field]), "0", "the tokens bucket was written");
     let tag_end = tokens_bucket.find("}:").expect("bucket keys carry a hash tag") + 1;
     let estimate_pattern = format!("{}:e:*", &tokens_bucket[..tag_end]);
     assert_eq!(gateway.redis.keys(&estimate_pattern), Vec::<String>::new(), "estimate records were stored");

@@ -75,8 +75,9 @@ async fn concurrent_checks_share_commands_and_stay_exact() {
 async fn batch_fails_only_the_unreadable_check() {
     let (server, limiter) = redis_limiter().await;
     assert!(call(&limiter, request("llm", vec![rpm("BAD", None)])).await.ok());
-    let bad_key = server.keys("*").pop().expect("the bucket of BAD");
-    server.cli(&["SET", &bad_key, "not-a-bucket"]);
+    let bad_hash = server.keys("*").pop().expect("the bucket hash of BAD");
+    let bad_field = server.cli(&["HKEYS", &bad_hash]).trim().to_owned();
+    server.cli(&["HSET", &bad_hash, &bad_field, "not-a-bucket"]);
 
     let before = server.command_calls("evalsha");
     let bad = try_call(&limiter, request("llm", vec![rpm("BAD", None)]));
@@ -87,7 +88,7 @@ async fn batch_fails_only_the_unreadable_check() {
     let Err(error) = bad else { panic!("an unreadable bucket is an error") };
     let error = error.to_string();
     assert!(error.contains("unreadable bucket value"), "{error}");
-    assert_eq!(server.cli(&["GET", &bad_key]).trim(), "not-a-bucket", "the failed check wrote nothing");
+    assert_eq!(server.cli(&["HGET", &bad_hash, &bad_field]).trim(), "not-a-bucket", "the failed check wrote nothing");
     for (n, result) in good.into_iter().enumerate() {
         let first = result.expect("a readable bucket is judged");
         assert!(first.ok());

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use checks::{FIKRA, fikra_check, first_decided, header, requests_check, timed_call, wait_for_health};
 use fikra_ratelimit::limiter::bucket::BucketParams;
 use fikra_ratelimit::limiter::judge::BucketOp;
-use fikra_ratelimit::limiter::keys::bucket_key;
+use fikra_ratelimit::limiter::keys::{bucket_key, redis_location};
 use fikra_ratelimit::limiter::LimiterSettings;
 use fikra_ratelimit::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 use fikra_ratelimit::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -47,11 +47,11 @@ async fn connect(cluster: &RedisCluster) -> RedisStore {
 
 /// The store key of the requests bucket of `api_key` in domain `fikra`.
 fn requests_key(api_key: &str) -> String {
-    bucket_key("fikra", [("api_key", api_key), ("meter", "requests")].into_iter())
+    bucket_key("fikra", &[("api_key", api_key), ("meter", "requests")], true)
 }
 
 fn tokens_key(api_key: &str) -> String {
-    bucket_key("fikra", [("api_key", api_key), ("meter", "tokens")].into_iter())
+    bucket_key("fikra", &[("api_key", api_key), ("meter", "tokens")], true)
 }
 
 /// The port of the primary that holds the buckets of `api_key`.
@@ -87,7 +87,7 @@ async fn c12_keys_spread_without_slot_errors() {
     }
 
     // Every API key's two buckets share a slot, and the keys spread. A
-    // bucket key lives only until its bucket is full again (about 4 s
+    // bucket hash lives only until its buckets are full again (about 4 s
     // here), so the check that they are stored on that slot's primary uses
     // a second round of checks on a sample.
     let mut per_primary: HashMap<u16, usize> = HashMap::new();
@@ -106,8 +106,17 @@ async fn c12_keys_spread_without_slot_errors() {
         let remaining = header(&answer, "x-ratelimit-remaining-requests");
         assert!(matches!(remaining, Some("28" | "29")), "{api_key}: {remaining:?}");
         let owner = cluster.node(primary_of(&cluster, api_key));
-        let stored = owner.cli(&["EXISTS", &requests_key(api_key), &tokens_key(api_key)]);
-        assert_eq!(stored, "2", "both buckets of {api_key} are on the primary of their slot");
+        let requests_key = requests_key(api_key);
+        let (hash, requests) = redis_location(&requests_key);
+        let tokens_key = tokens_key(api_key);
+        let (tokens_hash, tokens) = redis_location(&tokens_key);
+        assert_eq!(hash, tokens_hash, "{api_key}: one hash holds both buckets");
+        let stored = owner.cli(&["HKEYS", hash]);
+        let mut stored: Vec<&str> = stored.lines().collect();
+        stored.sort_unstable();
+        let mut expected = vec![requests, tokens];
+        expected.sort_unstable();
+        assert_eq!(stored, expected, "both buckets of {api_key} are on the primary of their slot");
     }
 
     // A lost primary, with no replica to take over: its keys get the

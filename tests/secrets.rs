@@ -96,6 +96,10 @@ async fn api_keys_absent_from_logs_metrics_redis() {
         assert!(!metrics.contains(marker), "/metrics carries an API key ({marker})");
         for key in &keys {
             assert!(!key.contains(marker), "Redis key {key} carries an API key ({marker})");
+            if redis.cli(&["TYPE", key]) == "hash" {
+                let fields = redis.cli(&["HKEYS", key]);
+                assert!(!fields.contains(marker), "a field of Redis hash {key} carries an API key ({marker})");
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use fikra_ratelimit::clock::Clock;
 use fikra_ratelimit::limiter::bucket::{BucketParams, BucketState};
+use fikra_ratelimit::limiter::keys::redis_location;
 use fikra_ratelimit::limiter::judge::{
     BatchOutcome, BucketOp, Estimate, EstimateRecord, EstimateTable, Report, Settlement, judge,
 };
@@ -174,14 +175,16 @@ impl<'a> Harness<'a> {
         self.store.apply_guarded(&batch(ops), &[guard], None).await.expect("the store judges the guarded batch")
     }
 
-    /// Number of buckets the store holds for this test.
+    /// Number of buckets the store keeps for this test: in Redis, the
+    /// fields of the hash that contains the buckets of its tag.
     fn stored_buckets(&self) -> usize {
-        let pattern = format!("frl1:{{t{}}}:b:*", self.tag);
+        let hash = format!("frl1:{{t{}}}:b", self.tag);
+        let count = |output: String| output.parse().unwrap_or_else(|_| panic!("HLEN {hash} returned {output:?}"));
         match &self.backend {
             Backend::Memory(memory) => memory.bucket_count(),
-            Backend::Redis(server) => server.keys(&pattern).len(),
-            Backend::Cluster(cluster) => cluster.keys(&pattern).len(),
-            Backend::Sentinel(sentinel) => sentinel.primary().keys(&pattern).len(),
+            Backend::Redis(server) => count(server.cli(&["HLEN", &hash])),
+            Backend::Cluster(cluster) => count(cluster.cli(&["HLEN", &hash])),
+            Backend::Sentinel(sentinel) => count(sentinel.primary().cli(&["HLEN", &hash])),
         }
     }
 }
@@ -798,17 +801,34 @@ async fn redis_keys_expire_when_full() {
     let out = h.apply(ops.clone()).await;
     assert!(out.allowed);
 
+    // Both buckets are fields of one hash, whose TTL covers the one that
+    // needs longer: the slow one.
+    let (hash, _) = redis_location(&fast);
+    assert_eq!(redis_location(&slow_key).0, hash);
+    let mut bounds = Vec::new();
     for (op, result) in ops.iter().zip(&out.buckets) {
         let reset_ms = result.state.reset_ms(&op.params, out.now_ms);
-        let bound = reset_ms + TTL_SLACK.as_millis() as u64;
-        let pttl = h.server().pttl(&op.key);
-        assert!(pttl > 0, "PTTL of {} is {pttl}", op.key);
-        assert!(pttl as u64 <= bound, "PTTL of {} is {pttl}, above {bound}", op.key);
+        bounds.push(reset_ms + TTL_SLACK.as_millis() as u64);
 
-        let stored = h.server().cli(&["GET", &op.key]);
+        let stored = h.server().cli(&["HGET", hash, redis_location(&op.key).1]);
         let state = result.state;
-        assert_eq!(stored, format!("{}:{}:{}", state.level, state.stamp_ms, state.scale));
+        let params = &op.params;
+        let expected =
+            format!("{}:{}:{}:{}:{}", state.level, state.stamp_ms, state.scale, params.refill_per_tick, params.tick_ms);
+        assert_eq!(stored, expected);
     }
+    let pttl = h.server().pttl(hash);
+    assert!(bounds[0] < bounds[1], "{bounds:?}");
+    assert!(pttl as u64 > bounds[0], "PTTL of {hash} is {pttl}, below the fast bucket's {}", bounds[0]);
+    assert!(pttl as u64 <= bounds[1], "PTTL of {hash} is {pttl}, above {}", bounds[1]);
+
+    // A write that needs a shorter TTL never shortens the hash's TTL. A
+    // report takes the general path. The slow bucket needs hours, so a
+    // minute of margin covers the test's own time.
+    h.apply(vec![report(&fast, fast_params, 1, None)]).await;
+    let after = h.server().pttl(hash);
+    assert!(after as u64 + 60_000 > bounds[1], "PTTL of {hash} went from {pttl} to {after}");
+    assert!(after <= pttl, "PTTL of {hash} grew from {pttl} to {after}");
 
     let pttl = h.server().pttl(&r);
     assert!(pttl > 0, "estimate PTTL is {pttl}");
@@ -817,6 +837,42 @@ async fn redis_keys_expire_when_full() {
 
     h.apply(vec![report(&slow_key, slow_params, 30, Some(&r))]).await;
     assert_eq!(h.server().cli(&["GET", &r]), "s");
+}
+
+/// The plain path (checks only) gives a hash the TTL of its longest-lived
+/// bucket and never shortens it, also when the buckets arrive in another
+/// order or alone.
+#[tokio::test]
+async fn redis_hash_ttl_covers_longest_bucket() {
+    let h = Harness::redis().await;
+    let (fast, slow_key) = (h.bucket("fast"), h.bucket("slow"));
+    let fast_params = BucketParams::new(10, 1000, 10).expect("exact params");
+    let slow_params = slow(100);
+    let (hash, _) = redis_location(&fast);
+    let slack = TTL_SLACK.as_millis() as u64;
+
+    // The slow bucket needs hours, the fast one less than a second; a
+    // minute of margin covers the time the test takes.
+    let out = h.apply(vec![check(&fast, fast_params, 4), check(&slow_key, slow_params, 30)]).await;
+    assert!(out.allowed);
+    let fast_needs = out.buckets[0].state.reset_ms(&fast_params, out.now_ms) + slack;
+    let slow_needs = out.buckets[1].state.reset_ms(&slow_params, out.now_ms) + slack;
+    assert!(fast_needs + 60_000 < slow_needs, "{fast_needs} {slow_needs}");
+    let pttl = h.server().pttl(hash) as u64;
+    assert!(pttl + 60_000 > slow_needs, "PTTL {pttl} of {hash} does not cover the slow bucket ({slow_needs})");
+    assert!(pttl <= slow_needs, "PTTL {pttl} of {hash} is above the slow bucket's {slow_needs}");
+
+    h.apply(vec![check(&fast, fast_params, 1)]).await;
+    let after = h.server().pttl(hash) as u64;
+    assert!(after + 60_000 > slow_needs, "a check of the fast bucket cut PTTL {pttl} to {after}");
+
+    // A new hash gets a TTL from its first write.
+    let other = h.bucket_elsewhere("fast");
+    h.apply(vec![check(&other, fast_params, 1)]).await;
+    let (other_hash, _) = redis_location(&other);
+    let ttl = h.server().pttl(other_hash);
+    assert!(ttl > 0, "PTTL {ttl} of a new hash");
+    assert!(ttl as u64 <= 100 + slack, "PTTL {ttl} of a new hash");
 }
 
 #[tokio::test]
@@ -845,8 +901,10 @@ async fn redis_unreadable_value_aborts_batch() {
         vec![check(&good, p, 1), report(&bad, p, 1, None)],
         vec![check(&bad, p, 0)],
     ];
+    let (hash, bad_field) = redis_location(&bad);
+    let good_field = redis_location(&good).1;
     for value in values {
-        h.server().cli(&["SET", &bad, value]);
+        h.server().cli(&["HSET", hash, bad_field, value]);
         for ops in &batches {
             let guard = RecordGuard { key: h.record_key(), expected: None };
             for guards in [&[][..], &[guard][..]] {
@@ -855,8 +913,8 @@ async fn redis_unreadable_value_aborts_batch() {
                 assert!(matches!(error, StoreError::Protocol(_)), "{value:?}: {error:?}");
                 assert!(error.to_string().contains("unreadable bucket value at"), "{value:?}: {error}");
                 assert!(!error.is_transient());
-                assert_eq!(h.server().keys(&good), Vec::<String>::new(), "{value:?}: nothing is written");
-                assert_eq!(h.server().cli(&["GET", &bad]), value, "the unreadable value stays");
+                assert_eq!(h.server().cli(&["HEXISTS", hash, good_field]), "0", "{value:?}: nothing is written");
+                assert_eq!(h.server().cli(&["HGET", hash, bad_field]), value, "the unreadable value stays");
             }
         }
     }
@@ -1013,7 +1071,7 @@ fn comparison_params() -> Vec<BucketParams> {
         exact(1_000_000_000_000, MINUTE_MS, 1_000_000_000_000),
         exact(999_999_999_989, DAY_MS, 999_999_999_989),
         exact(3, 1_000, 1),
-        exact(0, MINUTE_MS, 5),
+        exact(0, MINUTE_MS, 0),
     ]
 }
 
@@ -1049,6 +1107,43 @@ fn random_op(random: &mut Random, h: &Harness, round: u64, params: &[BucketParam
     op
 }
 
+/// A bucket that has refilled to full is gone, whatever keeps its store
+/// entry: after a limit change it starts full, and is never refilled at
+/// the new rate from the stamp of its last charge. In Redis the bucket is a
+/// field of a hash that its slow sibling keeps alive.
+async fn full_bucket_outlives_no_limit_change(h: Harness<'_>) {
+    let (fast, sibling) = (h.bucket("fast"), h.bucket("sibling"));
+    let before = BucketParams::new(3, 400, 3).expect("exact params");
+    let after = BucketParams::new(3, 3_600_000, 3).expect("exact params");
+    let apply = |ops: Vec<BucketOp>| {
+        let batch = Batch { ops, ttl_slack: Duration::from_millis(100), estimate_ttl: ESTIMATE_TTL };
+        let store = h.store.clone();
+        async move { store.apply(&batch).await.expect("the store judges the batch") }
+    };
+
+    let out = apply(vec![check(&fast, before, 3), check(&sibling, slow(100), 1)]).await;
+    assert!(out.allowed);
+    // Full again after 400 ms, and past its slack after 500 ms.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let out = apply(vec![check(&fast, after, 1)]).await;
+    assert!(out.allowed, "a full bucket was judged as used after a limit change: {out:?}");
+    assert_eq!(left(&out, 0, &after), 2);
+    if let Backend::Redis(server) = &h.backend {
+        assert_eq!(server.cli(&["HLEN", redis_location(&fast).0]), "2");
+    }
+}
+
+#[tokio::test]
+async fn memory_full_bucket_outlives_no_limit_change() {
+    full_bucket_outlives_no_limit_change(Harness::memory()).await;
+}
+
+#[tokio::test]
+async fn redis_full_bucket_outlives_no_limit_change() {
+    full_bucket_outlives_no_limit_change(Harness::redis().await).await;
+}
+
 #[tokio::test]
 async fn redis_rescale_is_exact_past_2_53() {
     let h = Harness::redis().await;
@@ -1064,8 +1159,9 @@ async fn redis_rescale_is_exact_past_2_53() {
     let time = h.server().cli(&["TIME"]);
     let seconds: u64 = time.lines().next().and_then(|line| line.parse().ok()).expect("TIME seconds");
     let stored = BucketState { level, stamp_ms: seconds * 1000, scale: from.scale };
-    let value = format!("{}:{}:{}", stored.level, stored.stamp_ms, stored.scale);
-    h.server().cli(&["SET", &a, &value]);
+    let value = format!("{}:{}:{}:{}:{}", stored.level, stored.stamp_ms, stored.scale, from.refill_per_tick, from.tick_ms);
+    let (hash, field) = redis_location(&a);
+    h.server().cli(&["HSET", hash, field, &value]);
 
     let ops = vec![check(&a, to, 0)];
     let out = h.apply(ops.clone()).await;

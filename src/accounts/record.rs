@@ -118,7 +118,7 @@ fn optional_count(text: &str) -> Option<Option<u64>> {
 /// Builds the key record key of `api_key` in `domain`: the hash tag of the
 /// key's buckets (see [`keys::bucket_key`]) with the suffix `:a`.
 pub fn record_key(domain: &str, key_entry: &str, api_key: &str) -> String {
-    let bucket = keys::bucket_key(domain, std::iter::once((key_entry, api_key)));
+    let bucket = keys::bucket_key(domain, &[(key_entry, api_key)], false);
     let tag_end = bucket.find("}:").map_or(bucket.len(), |i| i + 1);
     format!("{}:a", &bucket[..tag_end])
 }
@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn record_key_shares_bucket_tag_and_hides_key() {
         let record = record_key("fikra", "api_key", "sk-secret");
-        let bucket = keys::bucket_key("fikra", [("api_key", "sk-secret"), ("meter", "requests")].into_iter());
+        let bucket = keys::bucket_key("fikra", &[("api_key", "sk-secret"), ("meter", "requests")], true);
         let tag_end = bucket.find('}').expect("a hash tag") + 1;
         assert_eq!(record[..tag_end], bucket[..tag_end]);
         assert!(record.ends_with(":a"));

@@ -1,15 +1,24 @@
 //! Store key names.
 //!
 //! A key never contains an API key or any other entry value in clear text.
-//! Entries are hashed with BLAKE3, so every key has a fixed length of 42
-//! bytes whatever the values, short enough for Redis to keep its name in a
-//! 48-byte allocation. Each value is hashed once, so an 8 KiB value costs
-//! little more than a short one. The layout is versioned (`frl1`), so a
-//! service that reads another layout never misreads it. All keys of one
+//! Entries are hashed with BLAKE3, so a key's length is fixed whatever the
+//! values, and each value is hashed once, so an 8 KiB value costs little
+//! more than a short one. The layout is versioned (`frl1`), so a service
+//! that reads another layout never misreads it. All keys of one
 //! descriptor's first entry (in the Fikra configuration, the API key) share
 //! one Redis Cluster hash tag, so one script judges a key's requests and
 //! tokens buckets and its estimates together, while different API keys
 //! spread over the cluster.
+//!
+//! A bucket key names a field of a Redis hash: `frl1:{T}:c:F` is field `F`
+//! of the hash `frl1:{T}:c`, and `frl1:{T}:c:M:F` field `F` of
+//! `frl1:{T}:c:M` (see [`redis_location`]). One hash per hash tag and
+//! per middle entries costs less memory than a key per bucket. The field
+//! is named by the last entry only when the configuration matched that
+//! entry's value exactly, so a hash contains at most as many fields as the
+//! configuration has exact values at one place. Every value a client chooses
+//! freely (a model name, say) is part of the hash's name, and its field is
+//! `-`, so such buckets never pile up in one hash.
 
 use blake3::Hasher;
 
@@ -18,36 +27,65 @@ pub const PREFIX: &str = "frl1";
 
 /// Base64url characters of the hash tag (96 bits).
 const TAG_CHARS: usize = 16;
-/// Base64url characters of a bucket or estimate id (96 bits), unique
-/// within its tag.
+/// Base64url characters of an estimate id or of the middle entries of a
+/// bucket hash's name (96 bits), unique within their tag.
 const ID_CHARS: usize = 16;
+/// Base64url characters of a bucket's field (48 bits). A field is named by
+/// a value the configuration lists, never by a client's choice, and a hash
+/// holds few fields, so 48 bits keep a collision out of reach.
+const FIELD_CHARS: usize = 8;
+/// The field of a bucket whose hash name covers all of its entries.
+const WHOLE_FIELD: &str = "-";
 
 /// Builds the key of the bucket named by `domain` and `entries` (the
-/// identity entries, in order).
-pub fn bucket_key<'a>(domain: &str, mut entries: impl Iterator<Item = (&'a str, &'a str)>) -> String {
-    // The tag covers the domain and the first entry; the id extends the
-    // tag's digest with the other entries, so no value is hashed twice.
+/// identity entries, in order). `exact_last` says whether the
+/// configuration matched the last entry's value exactly; only then does
+/// that entry name the bucket's field instead of its hash.
+pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> String {
+    let (first, rest) = match entries.split_first() {
+        Some((first, rest)) => (Some(*first), rest),
+        None => (None, entries),
+    };
+    // The tag covers the domain and the first entry; the middle id extends
+    // the tag's digest with the entries between the first and the field.
     let mut tag = Hasher::new();
     field(&mut tag, domain);
-    if let Some((key, value)) = entries.next() {
+    if let Some((key, value)) = first {
         field(&mut tag, key);
         field(&mut tag, value);
     }
     let tag = tag.finalize();
+    let (middle, last) = match (exact_last, entries.last()) {
+        (true, Some(last)) => (&rest[..rest.len().saturating_sub(1)], Some(*last)),
+        _ => (rest, None),
+    };
 
-    let mut id = Hasher::new();
-    id.update(tag.as_bytes());
-    for (key, value) in entries {
-        field(&mut id, key);
-        field(&mut id, value);
-    }
-
-    let mut out = String::with_capacity(PREFIX.len() + TAG_CHARS + ID_CHARS + 6);
+    let mut out = String::with_capacity(PREFIX.len() + TAG_CHARS + ID_CHARS + FIELD_CHARS + 8);
     out.push_str(PREFIX);
     out.push_str(":{");
     push_base64(&mut out, tag.as_bytes(), TAG_CHARS);
-    out.push_str("}:b:");
-    push_base64(&mut out, id.finalize().as_bytes(), ID_CHARS);
+    out.push_str("}:c");
+    if !middle.is_empty() {
+        let mut id = Hasher::new();
+        id.update(tag.as_bytes());
+        for (key, value) in middle {
+            field(&mut id, key);
+            field(&mut id, value);
+        }
+        out.push(':');
+        push_base64(&mut out, id.finalize().as_bytes(), ID_CHARS);
+    }
+    out.push(':');
+    match last {
+        Some((key, value)) => {
+            let mut id = Hasher::new();
+            id.update(tag.as_bytes());
+            field(&mut id, key);
+            field(&mut id, value);
+            push_base64(&mut out, id.finalize().as_bytes(), FIELD_CHARS);
+        }
+        None => out.push_str(WHOLE_FIELD),
+    }
     out
 }
 
@@ -64,6 +102,17 @@ pub fn estimate_key(bucket_key: &str, request_id: &str) -> String {
     out.push_str(":e:");
     push_base64(&mut out, id.finalize().as_bytes(), ID_CHARS);
     out
+}
+
+/// Splits a bucket key into the Redis hash that contains the bucket and the
+/// bucket's field in it: the field is the part after the last `:`. A key
+/// without a `:` before a non-empty last part is field `-` of a hash named
+/// as the key itself.
+pub fn redis_location(bucket_key: &str) -> (&str, &str) {
+    match bucket_key.rsplit_once(':') {
+        Some((hash, field)) if !field.is_empty() => (hash, field),
+        _ => (bucket_key, "-"),
+    }
 }
 
 /// Feeds a length-prefixed field, so ("ab", "c") and ("a", "bc") differ.
@@ -90,33 +139,72 @@ mod tests {
 
     #[test]
     fn bucket_keys_share_tag_per_first_entry() {
-        let requests = bucket_key("fikra", [("api_key", "k1"), ("meter", "requests")].into_iter());
-        let tokens = bucket_key("fikra", [("api_key", "k1"), ("meter", "tokens")].into_iter());
-        let other = bucket_key("fikra", [("api_key", "k2"), ("meter", "tokens")].into_iter());
+        let requests = bucket_key("fikra", &[("api_key", "k1"), ("meter", "requests")], true);
+        let tokens = bucket_key("fikra", &[("api_key", "k1"), ("meter", "tokens")], true);
+        let other = bucket_key("fikra", &[("api_key", "k2"), ("meter", "tokens")], true);
 
         assert_ne!(requests, tokens);
         assert_eq!(requests[..23], tokens[..23]);
         assert_ne!(requests[..23], other[..23]);
-        assert_eq!(requests.len(), 42);
+        assert_eq!(requests.len(), 34);
     }
 
     #[test]
     fn keys_hide_values_and_stay_bounded() {
         let secret = "sk-live-0123456789{abc}";
         let long = "x".repeat(8192);
-        let key = bucket_key("fikra", [("api_key", secret), ("note", long.as_str())].into_iter());
-        let estimate = estimate_key(&key, "req-1");
+        for exact_last in [false, true] {
+            let key = bucket_key("fikra", &[("api_key", secret), ("note", long.as_str())], exact_last);
+            let estimate = estimate_key(&key, "req-1");
 
-        assert!(!key.contains("sk-live"));
-        assert_eq!(key.len(), 42);
-        assert_eq!(estimate.len(), 42);
-        assert_eq!(key[..23], estimate[..23]);
+            assert!(!key.contains("sk-live"), "{key}");
+            assert!(key.len() <= 44, "{key}");
+            assert_eq!(estimate.len(), 42);
+            assert_eq!(key[..23], estimate[..23]);
+        }
+        let three = bucket_key("fikra", &[("api_key", secret), ("model", &long), ("meter", "tokens")], true);
+        assert_eq!(three.len(), 51, "{three}");
+    }
+
+    #[test]
+    fn exact_last_entries_share_a_hash() {
+        let requests = bucket_key("fikra", &[("api_key", "k1"), ("meter", "requests")], true);
+        let tokens = bucket_key("fikra", &[("api_key", "k1"), ("meter", "tokens")], true);
+        let (hash, field) = redis_location(&requests);
+
+        assert_eq!(hash, &requests[..25]);
+        assert!(hash.ends_with("}:c"), "{hash}");
+        assert_eq!(field.len(), FIELD_CHARS);
+        assert_eq!(redis_location(&tokens).0, hash);
+        assert_ne!(redis_location(&tokens).1, field);
+        assert_eq!(redis_location("odd"), ("odd", "-"));
+        assert_eq!(redis_location("odd:"), ("odd:", "-"));
+    }
+
+    #[test]
+    fn client_chosen_entries_name_their_own_hash() {
+        let model = |name| bucket_key("fikra", &[("api_key", "k1"), ("model", name)], false);
+        let (m1, m2) = (model("m-1"), model("m-2"));
+        let (first, first_field) = redis_location(&m1);
+        let (second, second_field) = redis_location(&m2);
+        assert_ne!(first, second);
+        assert_eq!((first_field, second_field), (WHOLE_FIELD, WHOLE_FIELD));
+
+        let alone = bucket_key("fikra", &[("api_key", "k1")], false);
+        assert_eq!(redis_location(&alone), (&alone[..25], WHOLE_FIELD));
+        let per_model_meter = bucket_key("fikra", &[("api_key", "k1"), ("model", "m-1"), ("meter", "tokens")], true);
+        assert_ne!(redis_location(&per_model_meter).0, redis_location(&alone).0);
+        assert_eq!(redis_location(&per_model_meter).0, first);
+        assert_ne!(redis_location(&per_model_meter).1, WHOLE_FIELD);
     }
 
     #[test]
     fn field_boundaries_change_the_key() {
-        let a = bucket_key("d", [("ab", "c")].into_iter());
-        let b = bucket_key("d", [("a", "bc")].into_iter());
+        let a = bucket_key("d", &[("ab", "c")], false);
+        let b = bucket_key("d", &[("a", "bc")], false);
         assert_ne!(a, b);
+        let c = bucket_key("d", &[("k", "v"), ("ab", "c")], true);
+        let d = bucket_key("d", &[("k", "v"), ("a", "bc")], true);
+        assert_ne!(c, d);
     }
 }

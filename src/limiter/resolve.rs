@@ -138,7 +138,7 @@ fn resolve(
     if identity.is_empty() {
         return no_limit(DescriptorFacts::default());
     }
-    let rule = find_rule(&domain.root, &identity);
+    let (rule, exact_last) = find_rule(&domain.root, &identity);
     let (tier_index, account) = account_tier(domain, &identity, tier, accounts);
     let overridden = descriptor.limit.and_then(|o| override_limit(o, rule.map(Arc::as_ref), tier_index, domain));
     let mut facts = DescriptorFacts {
@@ -182,7 +182,7 @@ fn resolve(
         return Planned { kind, limit: Some(limit), meter, shadow, op: None, facts };
     }
 
-    let key = keys::bucket_key(&domain.name, identity.iter().copied());
+    let key = keys::bucket_key(&domain.name, &identity, exact_last);
     let op_index = match ops.iter().position(|op| op.key == key) {
         Some(index) => index,
         None => {
@@ -254,13 +254,19 @@ fn account_limit(record: &KeyRecord, meter: Meter, configured: &Arc<Limit>) -> O
 }
 
 /// Walks the tree: every entry must match, in order, and the rule must end
-/// exactly at the last entry.
-fn find_rule<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<&'a Arc<Rule>> {
+/// exactly at the last entry. Also returns whether the last entry matched
+/// a value the configuration lists (not a prefix or any value). Only such
+/// an entry may name the bucket's field in its store hash.
+fn find_rule<'a>(root: &'a Node, entries: &[(&str, &str)]) -> (Option<&'a Arc<Rule>>, bool) {
     let mut node = root;
+    let mut exact = false;
     for (key, value) in entries {
-        node = node.children.get(*key)?.find(value)?;
+        let Some(key_node) = node.children.get(*key) else { return (None, false) };
+        exact = key_node.exact.contains_key(*value);
+        let Some(next) = key_node.find(value) else { return (None, false) };
+        node = next;
     }
-    node.rule.as_ref()
+    (node.rule.as_ref(), exact && node.rule.is_some())
 }
 
 /// The limit Envoy chose for one descriptor, or `None` when it is unusable

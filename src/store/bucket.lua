@@ -28,11 +28,26 @@
 -- general path's helpers are defined after the plain path has returned.
 --
 -- Stored values:
---   bucket key:   "<level>:<stamp_ms>:<scale>", the BucketState fields.
---                 A bucket whose level is 0 (full) is deleted instead.
---                 TTL: the time until the bucket is full again plus the
---                 slack. A bucket that never refills (refill_per_tick 0) is
---                 stored without a TTL.
+--   bucket:       "<level>:<stamp_ms>:<scale>:<refill_per_tick>:<tick_ms>",
+--                 the BucketState fields and the refill it was written
+--                 with. A bucket whose level is 0 (full) is deleted
+--                 instead. A bucket is a field of a hash that contains the
+--                 buckets of one hash tag and one set of middle entries
+--                 (see src/limiter/keys.rs), so Redis keeps one key for
+--                 them instead of one per bucket. The hash's TTL covers
+--                 the bucket that needs the longest: the time until it is
+--                 full again plus the slack. A write extends that TTL and
+--                 never shortens it, so a bucket may outlive its own time
+--                 until full. Its own end is its stamp plus the time its
+--                 stored refill needs to empty its level, plus the slack:
+--                 a bucket read after that end counts as missing (full),
+--                 whatever the limit is now. So a field kept alive by its
+--                 siblings is never refilled at a changed rate from an old
+--                 stamp, and every bucket lives exactly as long as a key of
+--                 its own with a TTL would.
+--                 A bucket that never refills (refill_per_tick 0) must have
+--                 a capacity of 0: it then never holds anything, so it is
+--                 never stored and needs no TTL.
 --   estimate key: "o:<amount>" for an open estimate, "s" for a settled one,
 --                 with the estimate TTL, renewed on every write.
 -- A stored value that is not in these formats aborts the script before it
@@ -60,20 +75,21 @@
 -- the caller puts all keys of one call in one hash slot):
 --   1        the hold key, in reserve and release modes only; the keys
 --            below then start at 2
---   1 .. n   the bucket key of each operation, in operation order
+--   1 .. n   the hash of each operation's bucket, in operation order
 --   n+1 ..   estimate keys in the order the operations use them: for each
 --            operation, one key per report that has an estimate key, then
 --            one key per estimate. The same key may appear more than once.
--- ARGV (decimal integers):
+-- ARGV (decimal integers, except the bucket fields):
 --   1 mode (0 judge, 1 reserve, 2 release)
 --   2 n, the number of operations
 --   3 bucket TTL slack in ms
 --   4 estimate TTL in ms (0 remembers nothing)
 --   5 hold TTL in ms (ignored in judge mode)
---   then for each operation, 9 fields:
+--   then for each operation, 10 fields:
 --     capacity, scale, refill_per_tick, tick_ms,
 --     check cost (-1 when the operation has no check), shadow (0 or 1),
---     credit, report count R, estimate count E
+--     credit, report count R, estimate count E,
+--     the bucket's field in its hash
 --   followed by R pairs (amount, keyed), where keyed 1 means the report
 --   takes the next estimate key, and by E estimate amounts, each taking the
 --   next estimate key.
@@ -87,7 +103,7 @@
 -- Plain path: judges a call in judge mode whose operations have no reports
 -- and no estimates, with or without guards, using few tables and no helper
 -- functions. It returns nil, before writing anything, for any other call
--- and for anything it does not accept: a bucket key named twice, a stored
+-- and for anything it does not accept: a bucket named twice, a stored
 -- bucket at another scale, an unreadable value or an invalid argument. The
 -- general path then judges the call from the start and fails with its own
 -- messages. Both paths take the same steps in the same order, so they give
@@ -103,7 +119,7 @@ local function judge_plain(now, keys, argv, kb, ab, nk, na)
   local format, match, call = string.format, string.match, redis.call
   local MAX_EXACT = 9007199254740992 -- 2^53
   local n = tonumber(argv[ab + 2])
-  if argv[ab + 1] ~= '0' or not n or n < 1 or n % 1 ~= 0 or n > nk or 9 * n + 5 > na then
+  if argv[ab + 1] ~= '0' or not n or n < 1 or n % 1 ~= 0 or n > nk or 10 * n + 5 > na then
     return nil
   end
 
@@ -121,19 +137,20 @@ local function judge_plain(now, keys, argv, kb, ab, nk, na)
   -- Decode every operation before reading anything, as the general path
   -- does. Each operation is an array: scale, capacity in sub-units,
   -- maximum level, refill_per_tick, tick_ms, check cost (-1 for none),
-  -- credit, shadow flag, and whether the bucket key exists (set when read).
-  -- A table constructor sizes the array at once, which costs less than
-  -- growing it one field at a time.
+  -- credit, shadow flag, whether the bucket exists (set when read) and its
+  -- field in its hash. A table constructor
+  -- sizes the array at once, which costs less than growing it one field at
+  -- a time.
   local ops = {}
   for i = 1, n do
-    local a = ab + 9 * i - 3 -- the first field of operation i
+    local a = ab + 10 * i - 4 -- the first field of operation i
     if argv[a + 7] ~= '0' or argv[a + 8] ~= '0' then
       return nil -- reports or estimates
     end
-    local key = keys[kb + i]
+    local key, field = keys[kb + i], argv[a + 9]
     for j = 1, i - 1 do
-      if keys[kb + j] == key then
-        return nil -- the general path writes such a key once per operation
+      if keys[kb + j] == key and ops[j][10] == field then
+        return nil -- the general path writes such a bucket once per operation
       end
     end
     local capacity, scale = tonumber(argv[a]), tonumber(argv[a + 1])
@@ -153,15 +170,18 @@ local function judge_plain(now, keys, argv, kb, ab, nk, na)
     end
     local capacity_sub = capacity * scale
     local max_level = 2 * capacity_sub
-    if max_level + refill >= MAX_EXACT then
+    if max_level + refill >= MAX_EXACT or (refill == 0 and capacity > 0) then
       return nil
     end
-    ops[i] = { scale, capacity_sub, max_level, refill, tick, cost, credit, shadow == '1', false }
+    ops[i] = {
+      scale, capacity_sub, max_level, refill, tick, cost, credit, shadow == '1', false, field,
+      argv[a + 1] .. ':' .. argv[a + 2] .. ':' .. argv[a + 3],
+    }
   end
 
   -- Guards: their count at ARGV[guard_at], then the expected values. Their
   -- keys follow the bucket keys.
-  local guard_at = 9 * n + 6
+  local guard_at = 10 * n + 6
   local guards = 0
   if guard_at <= na then
     guards = tonumber(argv[ab + guard_at])
@@ -202,13 +222,15 @@ local function judge_plain(now, keys, argv, kb, ab, nk, na)
     local op = ops[i]
     local scale, max_level, refill = op[1], op[3], op[4]
     local level, stamp = 0, now
-    local raw = call('GET', keys[kb + i])
+    local raw = call('HGET', keys[kb + i], op[10])
     if raw then
-      -- The scale is compared as text because ARGV contains it in the same
-      -- digits.
-      local level_text, stamp_text, scale_text = match(raw, '^(%d+):(%d+):(%d+)$')
-      if not level_text or scale_text ~= argv[ab + 9 * i - 2] then
-        return nil -- unreadable, or stored at another scale
+      -- The scale, refill and tick are compared as text because ARGV
+      -- contains them in the same digits. A bucket written with other
+      -- ones goes to the general path, which first sees whether its own
+      -- end has passed.
+      local level_text, stamp_text, params_text = match(raw, '^(%d+):(%d+):(%d+:%d+:%d+)$')
+      if not level_text or params_text ~= op[11] then
+        return nil -- unreadable, or written with other parameters
       end
       level, stamp = tonumber(level_text), tonumber(stamp_text)
       if level >= MAX_EXACT or stamp >= MAX_EXACT then
@@ -262,14 +284,15 @@ local function judge_plain(now, keys, argv, kb, ab, nk, na)
   end
 
   -- Charge the fitting checks when allowed, and write every bucket as
-  -- store_bucket() does.
+  -- store_bucket() does. ttls[i] is the TTL bucket i needs, when written.
   if not allowed then
     reply[2] = 0
   end
+  local ttls = {}
   for i = 1, n do
     local op = ops[i]
     local r = 6 * i - 4
-    local scale, refill, cost = op[1], op[4], op[6]
+    local scale, refill, cost, field = op[1], op[4], op[6], op[10]
     local level, stamp = reply[r + 1], reply[r + 2]
     if allowed and cost ~= -1 and reply[r + 4] == 1 then
       level = level + cost * scale
@@ -278,29 +301,47 @@ local function judge_plain(now, keys, argv, kb, ab, nk, na)
     end
     if level == 0 then
       if op[9] then
-        call('DEL', keys[kb + i])
+        call('HDEL', keys[kb + i], field)
       end
     else
       -- The level, stamp and scale stay below 2^53, which '%d' prints
-      -- exactly, as int() below does.
-      local value = format('%d:%d:%d', level, stamp, scale)
-      if refill == 0 then
-        call('SET', keys[kb + i], value)
+      -- exactly, as int() below does. A level above 0 means the bucket
+      -- refills, because a bucket that never refills has a capacity of 0.
+      call('HSET', keys[kb + i], field, format('%d:%d:', level, stamp) .. op[11])
+      local wait = stamp + ceil(level / refill) * op[5] - now
+      if wait < 0 then
+        wait = 0
+      end
+      local ttl = wait + slack
+      if ttl < 1 then
+        ttl = 1
+      end
+      ttls[i] = ttl
+    end
+  end
+
+  -- Give each hash written the longest TTL one of its buckets needs, and
+  -- never shorten it: GT extends a TTL, and NX sets one on a hash this
+  -- call created (every other bucket hash already has one).
+  for i = 1, n do
+    local ttl = ttls[i]
+    if ttl then
+      local key = keys[kb + i]
+      for j = i + 1, n do
+        if ttls[j] and keys[kb + j] == key then
+          if ttls[j] > ttl then
+            ttl = ttls[j]
+          end
+          ttls[j] = nil
+        end
+      end
+      if ttl < MAX_EXACT then
+        ttl = format('%d', ttl)
       else
-        local wait = stamp + ceil(level / refill) * op[5] - now
-        if wait < 0 then
-          wait = 0
-        end
-        local ttl = wait + slack
-        if ttl < 1 then
-          ttl = 1
-        end
-        if ttl < MAX_EXACT then
-          ttl = format('%d', ttl)
-        else
-          ttl = format('%.0f', ttl)
-        end
-        call('SET', keys[kb + i], value, 'PX', ttl)
+        ttl = format('%.0f', ttl)
+      end
+      if call('PEXPIRE', key, ttl, 'GT') == 0 then
+        call('PEXPIRE', key, ttl, 'NX')
       end
     end
   end
@@ -493,41 +534,58 @@ local function reset_ms(state, op, now)
   return wait
 end
 
--- Reads a bucket: its state, and whether a key holds it.
-local function load_bucket(key, op, now)
-  local raw = call('GET', key)
+-- Reads a bucket: its state, and whether it is stored.
+local function load_bucket(op, now, slack_ms)
+  local raw = call('HGET', op.key, op.field)
   if not raw then
     return { level = 0, stamp = now, scale = op.scale }, false
   end
-  local level, stamp, scale = match(raw, '^(%d+):(%d+):(%d+)$')
+  local level, stamp, scale, refill_per_tick, tick = match(raw, '^(%d+):(%d+):(%d+):(%d+):(%d+)$')
   level, stamp, scale = tonumber(level), tonumber(stamp), tonumber(scale)
-  if not (is_count(level) and is_count(stamp) and is_count(scale)) then
-    fail('unreadable bucket value at ' .. key)
+  refill_per_tick, tick = tonumber(refill_per_tick), tonumber(tick)
+  if not (is_count(level) and is_count(stamp) and is_count(scale) and is_count(refill_per_tick)
+      and is_count(tick) and refill_per_tick > 0 and tick > 0) then
+    fail('unreadable bucket value at ' .. op.name)
+  end
+  -- The bucket's own end, under the refill it was written with. The sum
+  -- can pass 2^53 only for values no caller writes; it then stays large.
+  if now >= stamp + ceil(level / refill_per_tick) * tick + slack_ms then
+    return { level = 0, stamp = now, scale = op.scale }, true
   end
   return { level = level, stamp = stamp, scale = scale }, true
 end
 
--- Writes a bucket: deletes it when full, else stores it with a TTL of the
--- time until it is full again plus the slack.
-local function store_bucket(key, state, op, now, slack_ms, present)
+-- Writes a bucket into its hash: deletes its field when full, else stores
+-- it, and records in `ttls` the TTL each hash needs: the longest time until
+-- one of its buckets is full again, plus the slack. Only a bucket that
+-- refills can hold a level above 0 (one that never does has a capacity of
+-- 0), so reset_ms() returns a time.
+local function store_bucket(op, state, now, slack_ms, present, ttls)
   if state.level == 0 then
     if present then
-      call('DEL', key)
+      call('HDEL', op.key, op.field)
     end
     return
   end
-  local value = int(state.level) .. ':' .. int(state.stamp) .. ':' .. int(state.scale)
-  local wait = reset_ms(state, op, now)
-  if wait == nil then
-    -- NOTE: a bucket that never refills keeps its key without a TTL,
-    -- matching the memory store, which never expires it either.
-    call('SET', key, value)
-  else
-    local ttl = wait + slack_ms
-    if ttl < 1 then
-      ttl = 1
+  call('HSET', op.key, op.field,
+    int(state.level) .. ':' .. int(state.stamp) .. ':' .. int(state.scale) .. ':' .. int(op.refill) .. ':' .. int(op.tick))
+  local ttl = reset_ms(state, op, now) + slack_ms
+  if ttl < 1 then
+    ttl = 1
+  end
+  if ttl > (ttls[op.key] or 0) then
+    ttls[op.key] = ttl
+  end
+end
+
+-- Extends the TTL of each hash in `ttls` to at least its value, never
+-- shortening it: GT extends a TTL, and NX sets one on a hash this call
+-- created (every other bucket hash already has one).
+local function expire_hashes(ttls)
+  for key, ttl in pairs(ttls) do
+    if call('PEXPIRE', key, int(ttl), 'GT') == 0 then
+      call('PEXPIRE', key, int(ttl), 'NX')
     end
-    call('SET', key, value, 'PX', int(ttl))
   end
 end
 
@@ -605,6 +663,16 @@ for i = 1, n do
 
   local report_count = next_count('report count')
   local estimate_count = next_count('estimate count')
+  op.field = ARGV[arg]
+  arg = arg + 1
+  if op.field == nil then
+    fail('missing bucket field for ' .. op.key)
+  end
+  -- The bucket's name in messages, and its identity within the call.
+  op.name = op.key .. ' field ' .. op.field
+  if op.refill == 0 and op.capacity > 0 then
+    fail('the bucket ' .. op.name .. ' never refills, so its capacity must be 0')
+  end
   op.reports = {}
   for r = 1, report_count do
     local report = {}
@@ -692,17 +760,19 @@ if mode == MODE_RELEASE then
   local hold = read_hold()
   local released = 0
   if hold then
-    -- Credit each bucket in turn, so a key named twice gets both credits.
+    -- Credit each bucket in turn, so a bucket named twice gets both credits.
+    local ttls = {}
     for i = 1, n do
       local units = hold.charged[i]
       if units > 0 then
         local op = ops[i]
-        local state, present = load_bucket(op.key, op, now)
+        local state, present = load_bucket(op, now, slack_ms)
         refill(state, op, now)
         credit(state, op, units)
-        store_bucket(op.key, state, op, now, slack_ms, present)
+        store_bucket(op, state, now, slack_ms, present, ttls)
       end
     end
+    expire_hashes(ttls)
     -- Take back the estimates the reserve remembered. A settled record
     -- stays settled: its report has already been charged in full.
     local position = 0
@@ -741,10 +811,10 @@ end
 local states = {}
 local present = {}
 for i = 1, n do
-  local state, found = load_bucket(ops[i].key, ops[i], now)
+  local state, found = load_bucket(ops[i], now, slack_ms)
   states[i] = state
   if found then
-    present[ops[i].key] = true
+    present[ops[i].name] = true
   end
 end
 
@@ -869,13 +939,15 @@ for i = 1, n do
   end
 end
 
--- Write buckets in operation order, so a key named twice keeps the last
+-- Write buckets in operation order, so a bucket named twice keeps the last
 -- state, as in the memory store.
+local ttls = {}
 for i = 1, n do
-  local key = ops[i].key
-  store_bucket(key, states[i], ops[i], now, slack_ms, present[key])
-  present[key] = states[i].level ~= 0
+  local name = ops[i].name
+  store_bucket(ops[i], states[i], now, slack_ms, present[name], ttls)
+  present[name] = states[i].level ~= 0
 end
+expire_hashes(ttls)
 
 for key in pairs(changed) do
   local record = records[key]

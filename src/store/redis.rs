@@ -300,6 +300,7 @@ impl RedisStore {
         let batch_text: Arc<str> = batch::batch_script().into();
         let setup = async {
             pool.init().await.map_err(|error| store_error(&error))?;
+            check_version(&pool, &servers)?;
             let bucket = load_script(&pool, BUCKET_SCRIPT).await?;
             let batch = load_script(&pool, &batch_text).await?;
             Ok::<_, StoreError>((bucket, batch))
@@ -355,6 +356,7 @@ impl RedisStore {
             redis.topology = topology.name(),
             redis.servers = ?store.inner.servers,
             redis.pool_size = store.inner.pool.size(),
+            redis.version = %store.inner.pool.next().server_version().map_or_else(|| "unknown".to_owned(), |version| version.to_string()),
             "Connected to Redis"
         );
         Ok(store)
@@ -664,6 +666,21 @@ fn watch_connections(pool: &Pool) {
                 Ok(())
             }
         });
+    }
+}
+
+/// Rejects a Redis older than 7.0, because the bucket script extends a
+/// hash's TTL with `PEXPIRE ... GT` and `NX`, which older servers reject, so
+/// every check would fail. A server that did not report its version is
+/// accepted.
+fn check_version(pool: &Pool, servers: &[String]) -> Result<(), StoreError> {
+    match pool.next().server_version() {
+        Some(version) if version.major < 7 => Err(StoreError::Unavailable(format!(
+            "Redis at {} is version {version}, and the bucket script needs Redis 7.0 or newer \
+             (it uses PEXPIRE with GT and NX); upgrade Redis",
+            servers.join(", ")
+        ))),
+        _ => Ok(()),
     }
 }
 

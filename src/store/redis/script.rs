@@ -6,6 +6,7 @@ use fred::prelude::{Key, Value};
 
 use crate::limiter::bucket::{BucketParams, BucketState, MAX_EXACT};
 use crate::limiter::judge::{BatchOutcome, BucketOp, BucketResult, Settlement};
+use crate::limiter::keys;
 
 use super::super::{RecordGuard, StoreError};
 
@@ -18,8 +19,9 @@ use super::super::{RecordGuard, StoreError};
 /// - ARGV: mode, operation count, bucket TTL slack in ms, estimate TTL in
 ///   ms, hold TTL in ms, then per operation `capacity, scale,
 ///   refill_per_tick, tick_ms, check cost or -1, shadow, credit, report
-///   count, estimate count`, then its reports as `(amount, keyed)` pairs and
-///   its estimate amounts.
+///   count, estimate count, field`, then its reports as `(amount, keyed)`
+///   pairs and its estimate amounts. A bucket's key is its hash (see
+///   [`keys::redis_location`]) and the field names it there.
 /// - Reply (judge and reserve): `now_ms, allowed`, then per operation
 ///   `level, stamp_ms, scale, fits, charged, forgiven` and per report a
 ///   settlement code (0 unmatched, 1 unknown request, 3 duplicate, or 2
@@ -27,14 +29,15 @@ use super::super::{RecordGuard, StoreError};
 ///   released replies `now_ms, 2`. A release replies `now_ms, released`.
 ///
 /// The script runs with `EVALSHA` so each call sends only its hash. It takes
-/// the time from Redis's `TIME`. Bucket keys get a TTL of the time until
-/// full plus the slack, and estimate keys get the estimate TTL.
+/// the time from Redis's `TIME`. A bucket hash gets a TTL of the longest
+/// time until one of its buckets is full plus the slack, and estimate keys
+/// get the estimate TTL.
 pub const BUCKET_SCRIPT: &str = include_str!("../bucket.lua");
 
 /// ARGV fields before the first operation.
 const HEADER_ARGS: usize = 5;
 /// Fixed ARGV fields per operation.
-const OP_ARGS: usize = 9;
+const OP_ARGS: usize = 10;
 
 /// Settlement codes of the script's reply.
 const SETTLEMENT_UNMATCHED: u64 = 0;
@@ -99,7 +102,7 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
         keys.push(Key::from(hold_key));
     }
     for op in &call.ops {
-        keys.push(Key::from(op.key.as_str()));
+        keys.push(Key::from(keys::redis_location(&op.key).0));
     }
     for op in &call.ops {
         let params = &op.params;
@@ -115,6 +118,7 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
         args.push(integer(op.credit));
         args.push(integer(op.reports.len() as u64));
         args.push(integer(op.estimates.len() as u64));
+        args.push(Value::from(keys::redis_location(&op.key).1));
 
         for report in &op.reports {
             args.push(integer(report.amount));
@@ -187,9 +191,17 @@ pub fn duration_ms(duration: Duration) -> u64 {
 }
 
 /// Rejects parameters whose sub-unit values could reach 2^53, where the
-/// script's doubles stop being exact. [`BucketParams::new`] never returns
-/// such parameters.
+/// script's doubles stop being exact, and a bucket that never refills but
+/// could hold something: its hash's TTL would end it. [`BucketParams::new`]
+/// never returns the first kind, and the configuration rejects the second.
 pub fn check_exact(params: &BucketParams, key: &str) -> Result<(), StoreError> {
+    if params.refill_per_tick == 0 && params.capacity > 0 {
+        return Err(StoreError::Protocol(format!(
+            "bucket {key} never refills but has a capacity of {}; the Redis store keeps only never-refilling \
+             buckets of capacity 0, so give the limit a rate above 0 or a capacity of 0",
+            params.capacity
+        )));
+    }
     let exact = params.scale > 0
         && params.tick_ms > 0
         && params
@@ -354,28 +366,34 @@ mod tests {
                 Report { amount: 4, estimate_key: None },
             ],
             estimates: vec![Estimate { key: "e2".into(), amount: 5 }],
-            ..op("b1")
+            ..op("t:b:1")
         };
-        let second = BucketOp { shadow: true, credit: 7, ..op("b2") };
-        let (keys, args) = encode(&judge_call(&[&first, &second]));
+        let second = BucketOp { shadow: true, credit: 7, ..op("t:b:2") };
+        let other = op("u:b:3");
+        let (keys, args) = encode(&judge_call(&[&first, &second, &other]));
 
-        assert_eq!(key_names(&keys), ["b1", "b2", "e1", "e2"]);
-        let args: Vec<i64> = args.iter().map(|arg| arg.as_i64().expect("integer")).collect();
+        assert_eq!(key_names(&keys), ["t:b", "t:b", "u:b", "e1", "e2"]);
         let params = BucketParams::new(10, 1000, 10).expect("exact");
         let (capacity, scale, refill, tick) =
             (params.capacity as i64, params.scale as i64, params.refill_per_tick as i64, params.tick_ms as i64);
-        #[rustfmt::skip]
+        let int = |values: &[i64]| values.iter().map(|value| Value::Integer(*value)).collect::<Vec<_>>();
         let expected = [
-            0, 2, 5000, 600_000, 0,
-            capacity, scale, refill, tick, 2, 0, 0, 2, 1, 3, 1, 4, 0, 5,
-            capacity, scale, refill, tick, -1, 1, 7, 0, 0,
-        ];
+            int(&[0, 3, 5000, 600_000, 0]),
+            int(&[capacity, scale, refill, tick, 2, 0, 0, 2, 1]),
+            vec![Value::from("1")],
+            int(&[3, 1, 4, 0, 5]),
+            int(&[capacity, scale, refill, tick, -1, 1, 7, 0, 0]),
+            vec![Value::from("2")],
+            int(&[capacity, scale, refill, tick, -1, 0, 0, 0, 0]),
+            vec![Value::from("3")],
+        ]
+        .concat();
         assert_eq!(args, expected);
     }
 
     #[test]
     fn encode_puts_hold_key_first() {
-        let first = BucketOp { check: Some(1), estimates: vec![Estimate { key: "e1".into(), amount: 2 }], ..op("b1") };
+        let first = BucketOp { check: Some(1), estimates: vec![Estimate { key: "e1".into(), amount: 2 }], ..op("t:b:1") };
         let call = Invocation {
             mode: Mode::Reserve,
             hold: Some(("h1", Duration::from_secs(60))),
@@ -383,7 +401,7 @@ mod tests {
         };
         let (keys, args) = encode(&call);
 
-        assert_eq!(key_names(&keys), ["h1", "b1", "e1"]);
+        assert_eq!(key_names(&keys), ["h1", "t:b", "e1"]);
         let header: Vec<i64> = args[..5].iter().map(|arg| arg.as_i64().expect("integer")).collect();
         assert_eq!(header, [1, 1, 5000, 600_000, 60_000]);
     }
@@ -456,5 +474,8 @@ mod tests {
         assert!(matches!(check_exact(&huge, "b"), Err(StoreError::Protocol(_))));
         let zero_scale = BucketParams { scale: 0, ..exact };
         assert!(check_exact(&zero_scale, "b").is_err());
+        let never = BucketParams { refill_per_tick: 0, ..exact };
+        assert!(matches!(check_exact(&never, "b"), Err(StoreError::Protocol(_))));
+        assert!(check_exact(&BucketParams { capacity: 0, ..never }, "b").is_ok());
     }
 }
