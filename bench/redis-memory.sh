@@ -5,17 +5,19 @@
 # (and deleted) during the run. Then it deletes the estimate records and
 # prints the used_memory growth per stored bucket.
 #
-# With the requests-tokens shape every call also leaves an estimate record.
-# Redis keeps its key tables sized for all of them after the deletion, so
-# that figure overstates the buckets' own cost. The requests shape leaves
-# no estimate records.
+# The meters shape gives each API key its requests and tokens buckets, as
+# the Fikra check does, and leaves no estimate records. The requests shape
+# gives each API key one bucket. With the requests-tokens shape every call
+# also leaves an estimate record; Redis keeps its key tables sized for all
+# of them after the deletion, so that figure overstates the buckets' own
+# cost.
 #
-# Usage: bench/redis-memory.sh [requests|requests-tokens] [keys] [calls]
+# Usage: bench/redis-memory.sh [meters|requests|requests-tokens] [keys] [calls]
 # Build first: cargo build --release --bins
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-shape=${1:-requests}
+shape=${1:-meters}
 keys=${2:-100000}
 calls=${3:-600000}
 
@@ -83,9 +85,21 @@ return deleted" 0 > /dev/null
 sleep 12
 
 after=$(used_memory)
-buckets=$(cli DBSIZE)
+# Every bucket is a field of a hash.
+buckets=$(cli EVAL "local cursor, fields = '0', 0
+repeat
+  local page = redis.call('SCAN', cursor, 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    if redis.call('TYPE', key).ok == 'hash' then
+      fields = fields + redis.call('HLEN', key)
+    end
+  end
+until cursor == '0'
+return fields" 0)
+hashes=$(cli DBSIZE)
 sample=$(cli RANDOMKEY)
 
-echo "shape $shape: $buckets bucket keys"
+echo "shape $shape: $buckets buckets in $hashes keys"
 echo "used_memory $before -> $after bytes: $(( (after - before) / buckets )) bytes per bucket"
-echo "MEMORY USAGE of one bucket key: $(cli MEMORY USAGE "$sample") bytes"
+echo "MEMORY USAGE of one hash ($(cli HLEN "$sample") buckets): $(cli MEMORY USAGE "$sample") bytes"

@@ -67,6 +67,9 @@ enum Shape {
     Requests,
     /// The requests descriptor plus `[api_key, meter=tokens, request_id]`.
     RequestsTokens,
+    /// The requests descriptor plus `[api_key, meter=tokens]`: both buckets
+    /// of an API key, without the estimate record a request id leaves.
+    Meters,
     /// A usage report `[api_key, meter=tokens, phase=report, request_id]`.
     Reports,
 }
@@ -194,6 +197,10 @@ fn build_request(args: &Args, key: u64, nonce: u64) -> RateLimitRequest {
                 vec![entry("api_key", &api_key), entry("meter", "tokens"), entry("request_id", &request_id)],
                 Some(args.hits),
             ),
+        ],
+        Shape::Meters => vec![
+            descriptor(vec![entry("api_key", &api_key), entry("meter", "requests")], None),
+            descriptor(vec![entry("api_key", &api_key), entry("meter", "tokens")], Some(args.hits)),
         ],
         Shape::Reports => vec![descriptor(
             vec![entry("api_key", &api_key), entry("meter", "tokens"), entry("phase", "report"), entry("request_id", &request_id)],
