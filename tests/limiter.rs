@@ -279,3 +279,28 @@ async fn one_bucket_with_two_overrides_reports_one_limit() {
         assert!(status.remaining <= status.limit.as_ref().expect("limit").params.capacity);
     }
 }
+
+/// A rule nested under an entry with the same key and value has a bucket
+/// of its own, apart from the outer rule's.
+#[tokio::test]
+async fn repeated_entry_rule_has_own_bucket() {
+    let (limiter, _clock) = limiter(
+        "
+domain: d
+descriptors:
+  - key: generic_key
+    value: global
+    rate_limit: {unit: hour, requests_per_unit: 2}
+    descriptors:
+      - key: generic_key
+        value: global
+        rate_limit: {unit: hour, requests_per_unit: 100}
+",
+    );
+    for _ in 0..2 {
+        assert!(call(&limiter, request("d", vec![desc(&[("generic_key", "global")])])).await.ok());
+    }
+    let nested = call(&limiter, request("d", vec![desc(&[("generic_key", "global"), ("generic_key", "global")])])).await;
+    assert!(nested.ok());
+    assert_eq!(nested.number("x-ratelimit-remaining-requests"), 99);
+}

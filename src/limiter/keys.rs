@@ -18,7 +18,9 @@
 //! entry's value exactly, so a hash contains at most as many fields as the
 //! configuration has exact values at one place. Every value a client chooses
 //! freely (a model name, say) is part of the hash's name, and its field is
-//! `-`, so such buckets never pile up in one hash.
+//! `-`, so such buckets never pile up in one hash. So a configuration
+//! change that moves the last entry between an exact value and any value
+//! renames its bucket, which then starts full.
 
 use blake3::Hasher;
 
@@ -78,8 +80,11 @@ pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> S
     out.push(':');
     match last {
         Some((key, value)) => {
+            // The entry count tells `[k=v]` from `[k=v, k=v]`: both have
+            // no middle entries and the same last entry.
             let mut id = Hasher::new();
             id.update(tag.as_bytes());
+            id.update(&(entries.len() as u64).to_le_bytes());
             field(&mut id, key);
             field(&mut id, value);
             push_base64(&mut out, id.finalize().as_bytes(), FIELD_CHARS);
@@ -206,5 +211,13 @@ mod tests {
         let c = bucket_key("d", &[("k", "v"), ("ab", "c")], true);
         let d = bucket_key("d", &[("k", "v"), ("a", "bc")], true);
         assert_ne!(c, d);
+    }
+
+    #[test]
+    fn repeated_entry_names_another_bucket() {
+        let once = bucket_key("d", &[("generic_key", "global")], true);
+        let twice = bucket_key("d", &[("generic_key", "global"), ("generic_key", "global")], true);
+        assert_eq!(redis_location(&once).0, redis_location(&twice).0);
+        assert_ne!(once, twice);
     }
 }
