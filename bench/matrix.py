@@ -94,8 +94,16 @@ def standalone(procs):
     return f"redis://127.0.0.1:{port}", [port]
 
 
+def cluster_port():
+    """Return a free port whose cluster bus port (the port plus 10,000) is valid."""
+    while True:
+        port = free_port()
+        if port + 10_000 <= 65_535:
+            return port
+
+
 def cluster(procs):
-    ports = [free_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     for port in ports:
         redis_server(procs, port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "2000")
