@@ -33,9 +33,10 @@ struct Args {
     /// Total calls to send instead of a duration.
     #[arg(long)]
     count: Option<u64>,
-    /// Seconds of load before measuring starts.
-    #[arg(long, default_value_t = 1.0)]
-    warmup: f64,
+    /// Seconds of unmeasured load before measuring starts [default: 1, or
+    /// 0 with --count, so a counted run sends exactly --count calls].
+    #[arg(long)]
+    warmup: Option<f64>,
     /// Distinct API keys; 1 sends every call for one hot key.
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
@@ -90,7 +91,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         channels.push(channel);
     }
 
-    let warmup = Duration::from_secs_f64(args.warmup);
+    let default_warmup = if args.count.is_some() { 0.0 } else { 1.0 };
+    let warmup = Duration::from_secs_f64(args.warmup.unwrap_or(default_warmup));
     let run_for = Duration::from_secs_f64(args.duration);
     let started = Instant::now();
     let measure_from = started + warmup;
