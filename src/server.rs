@@ -113,14 +113,14 @@ pub async fn run_with(
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = options.metrics_listener.map(|listener| {
         let http_address = listener.local_addr().ok();
-        info!(metrics.addr = ?http_address, "Serving /metrics, /healthz and /readyz");
+        info!(metrics.addr = %crate::telemetry::address_text(http_address), "Serving /metrics, /healthz and /readyz");
         let store = limiter.store().clone();
         let serve = crate::metrics::http::serve(listener, options.metrics.clone(), readiness.clone(), store, async {
             let _ = http_stopped.await;
         });
         tokio::spawn(async move {
             if let Err(error) = serve.await {
-                warn!(%error, metrics.addr = ?http_address, "Metrics server failed");
+                warn!(%error, metrics.addr = %crate::telemetry::address_text(http_address), "Metrics server failed");
             }
         })
     });
@@ -158,7 +158,7 @@ pub async fn run_with(
     if let Some(config) = options.tls {
         builder = builder.tls_config(config)?;
     }
-    info!(listen.addr = ?address, listen.tls = tls, store = limiter.store().kind(), "Serving ShouldRateLimit");
+    info!(listen.addr = %crate::telemetry::address_text(address), listen.tls = tls, store = limiter.store().kind(), "Serving ShouldRateLimit");
     let serve = builder
         .add_service(health_service)
         .add_service(reflection)
@@ -179,7 +179,7 @@ pub async fn run_with(
         // An idle keep-alive connection from a scraper must not hold the exit.
         let _ = tokio::time::timeout(HTTP_DRAIN, task).await;
     }
-    info!(listen.addr = ?address, "Server stopped");
+    info!(listen.addr = %crate::telemetry::address_text(address), "Server stopped");
     Ok(result?)
 }
 

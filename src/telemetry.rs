@@ -15,13 +15,21 @@ pub enum LogFormat {
 /// Installs the global subscriber; `RUST_LOG` overrides `default_level`.
 pub fn init(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal, so log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     // A second init (tests starting several servers) keeps the first.
     drop(result);
+}
+
+/// Formats a listener's local address for a log line, or `unknown` when
+/// the socket could not report it.
+pub fn address_text(address: Option<std::net::SocketAddr>) -> String {
+    address.map_or_else(|| "unknown".to_owned(), |address| address.to_string())
 }
 
 /// How often a throttled log line may repeat.

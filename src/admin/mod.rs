@@ -189,13 +189,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(ADMIN_DESCRIPTOR_SET)
         .build_v1()?;
     let admin = AccountAdminServer::with_interceptor(service, move |request| token.check(request));
-    info!(admin.addr = ?address, "Serving the admin service");
+    info!(admin.addr = %crate::telemetry::address_text(address), "Serving the admin service");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(reflection)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
-    info!(admin.addr = ?address, "Admin service stopped");
+    info!(admin.addr = %crate::telemetry::address_text(address), "Admin service stopped");
     Ok(())
 }
