@@ -152,7 +152,7 @@ fn bucket_descriptors(domain: &DomainLimits, key_entry: &str, api_key: &str) -> 
         hits: Some(0),
         negative: false,
     };
-    let Some(node) = domain.root.children.get(key_entry).and_then(|slot| slot.find(api_key)) else { return Vec::new() };
+    let Some((node, _)) = domain.root.children.get(key_entry).and_then(|slot| slot.find(api_key)) else { return Vec::new() };
     let mut descriptors = Vec::new();
     if node.rule.is_some() {
         descriptors.push(descriptor(vec![(key_entry, api_key)]));

@@ -87,15 +87,16 @@ pub struct KeyNode {
 }
 
 impl KeyNode {
-    /// The node for `value`: exact beats prefix beats key-only.
-    pub fn find(&self, value: &str) -> Option<&Node> {
+    /// Finds the node for `value` (exact beats prefix beats key-only), and
+    /// whether it matched a value the configuration lists exactly.
+    pub fn find(&self, value: &str) -> Option<(&Node, bool)> {
         if let Some(node) = self.exact.get(value) {
-            return Some(node);
+            return Some((node, true));
         }
         if let Some((_, node)) = self.prefixes.iter().find(|(prefix, _)| value.starts_with(prefix.as_str())) {
-            return Some(node);
+            return Some((node, false));
         }
-        self.any.as_deref()
+        self.any.as_deref().map(|node| (node, false))
     }
 }
 

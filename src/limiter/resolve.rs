@@ -261,10 +261,11 @@ fn find_rule<'a>(root: &'a Node, entries: &[(&str, &str)]) -> (Option<&'a Arc<Ru
     let mut node = root;
     let mut exact = false;
     for (key, value) in entries {
-        let Some(key_node) = node.children.get(*key) else { return (None, false) };
-        exact = key_node.exact.contains_key(*value);
-        let Some(next) = key_node.find(value) else { return (None, false) };
+        let Some((next, matched_exactly)) = node.children.get(*key).and_then(|key_node| key_node.find(value)) else {
+            return (None, false);
+        };
         node = next;
+        exact = matched_exactly;
     }
     (node.rule.as_ref(), exact && node.rule.is_some())
 }
