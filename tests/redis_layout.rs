@@ -54,7 +54,7 @@ fn hash_lengths(server: &RedisServer) -> Vec<(String, usize)> {
 }
 
 #[tokio::test]
-async fn listed_meters_share_a_hash_and_client_values_do_not() {
+async fn client_values_name_own_hashes() {
     let (server, limiter) = redis_limiter().await;
     let meters = || vec![desc(&[("api_key", "K1"), ("meter", "requests")]), with_hits(desc(&[("api_key", "K1"), ("meter", "tokens")]), 100)];
     assert!(call(&limiter, request("llm", meters())).await.ok());

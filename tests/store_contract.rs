@@ -1107,11 +1107,11 @@ fn random_op(random: &mut Random, h: &Harness, round: u64, params: &[BucketParam
     op
 }
 
-/// A bucket that has refilled to full is gone, whatever keeps its store
-/// entry: after a limit change it starts full, and is never refilled at
+/// Checks that a bucket that has refilled to full starts full after a
+/// limit change, whatever keeps its store entry. It is never refilled at
 /// the new rate from the stamp of its last charge. In Redis the bucket is a
 /// field of a hash that its slow sibling keeps alive.
-async fn full_bucket_outlives_no_limit_change(h: Harness<'_>) {
+async fn refilled_bucket_starts_full(h: Harness<'_>) {
     let (fast, sibling) = (h.bucket("fast"), h.bucket("sibling"));
     let before = BucketParams::new(3, 400, 3).expect("exact params");
     let after = BucketParams::new(3, 3_600_000, 3).expect("exact params");
@@ -1135,13 +1135,13 @@ async fn full_bucket_outlives_no_limit_change(h: Harness<'_>) {
 }
 
 #[tokio::test]
-async fn memory_full_bucket_outlives_no_limit_change() {
-    full_bucket_outlives_no_limit_change(Harness::memory()).await;
+async fn memory_refilled_bucket_starts_full() {
+    refilled_bucket_starts_full(Harness::memory()).await;
 }
 
 #[tokio::test]
-async fn redis_full_bucket_outlives_no_limit_change() {
-    full_bucket_outlives_no_limit_change(Harness::redis().await).await;
+async fn redis_refilled_bucket_starts_full() {
+    refilled_bucket_starts_full(Harness::redis().await).await;
 }
 
 #[tokio::test]

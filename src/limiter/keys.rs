@@ -34,14 +34,14 @@ const TAG_CHARS: usize = 16;
 const ID_CHARS: usize = 16;
 /// Base64url characters of a bucket's field (48 bits). A field is named by
 /// a value the configuration lists, never by a client's choice, and a hash
-/// holds few fields, so 48 bits keep a collision out of reach.
+/// contains few fields, so 48 bits keep a collision out of reach.
 const FIELD_CHARS: usize = 8;
 /// The field of a bucket whose hash name covers all of its entries.
 const WHOLE_FIELD: &str = "-";
 
 /// Builds the key of the bucket named by `domain` and `entries` (the
-/// identity entries, in order). `exact_last` says whether the
-/// configuration matched the last entry's value exactly; only then does
+/// identity entries, in order). `exact_last` is true when the
+/// configuration matched the last entry's value exactly. Only then does
 /// that entry name the bucket's field instead of its hash.
 pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> String {
     let (first, rest) = match entries.split_first() {
@@ -80,8 +80,8 @@ pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> S
     out.push(':');
     match last {
         Some((key, value)) => {
-            // The entry count tells `[k=v]` from `[k=v, k=v]`: both have
-            // no middle entries and the same last entry.
+            // The entry count separates `[k=v]` from `[k=v, k=v]`, which
+            // have no middle entries and the same last entry.
             let mut id = Hasher::new();
             id.update(tag.as_bytes());
             id.update(&(entries.len() as u64).to_le_bytes());

@@ -46,7 +46,7 @@
 --                 stamp, and every bucket lives exactly as long as a key of
 --                 its own with a TTL would.
 --                 A bucket that never refills (refill_per_tick 0) must have
---                 a capacity of 0: it then never holds anything, so it is
+--                 a capacity of 0: it then never contains anything, so it is
 --                 never stored and needs no TTL.
 --   estimate key: "o:<amount>" for an open estimate, "s" for a settled one,
 --                 with the estimate TTL, renewed on every write.
@@ -226,7 +226,7 @@ local function judge_plain(now, keys, argv, kb, ab, nk, na)
     if raw then
       -- The scale, refill and tick are compared as text because ARGV
       -- contains them in the same digits. A bucket written with other
-      -- ones goes to the general path, which first sees whether its own
+      -- ones goes to the general path, which first checks whether its own
       -- end has passed.
       local level_text, stamp_text, params_text = match(raw, '^(%d+):(%d+):(%d+:%d+:%d+)$')
       if not level_text or params_text ~= op[11] then
