@@ -52,7 +52,7 @@ where
     type Decoder = LenientDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
+        ProstCodec::<T, U>::raw_encoder(buffer_settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -83,9 +83,20 @@ impl<U: Message + Default + 'static> Decoder for LenientDecoder<U> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
+        buffer_settings()
     }
 }
+
+/// Returns the buffer settings of a call's messages. tonic allocates the
+/// buffer size for every call in each direction and grows a buffer in steps
+/// of it. A check and its answer take a few hundred bytes, so 1 KiB fits
+/// them, where tonic's default of 8 KiB costs a large allocation per call.
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(CALL_BUFFER_BYTES, YIELD_THRESHOLD_BYTES)
+}
+
+const CALL_BUFFER_BYTES: usize = 1024;
+const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
 
 /// Decodes a `RateLimitRequest` as the server does: strictly, then leniently.
 pub fn decode_request(bytes: Bytes) -> Result<RateLimitRequest, Status> {
