@@ -118,9 +118,7 @@ fn optional_count(text: &str) -> Option<Option<u64>> {
 /// Builds the key record key of `api_key` in `domain`: the hash tag of the
 /// key's buckets (see [`keys::bucket_key`]) with the suffix `:a`.
 pub fn record_key(domain: &str, key_entry: &str, api_key: &str) -> String {
-    let bucket = keys::bucket_key(domain, &[(key_entry, api_key)], false);
-    let tag_end = bucket.find("}:").map_or(bucket.len(), |i| i + 1);
-    format!("{}:a", &bucket[..tag_end])
+    format!("{}:{}:a", keys::PREFIX, keys::hash_tag(domain, key_entry, api_key))
 }
 
 /// Builds the account key of `account_id` in `domain`.

@@ -22,7 +22,7 @@
 //! change that moves the last entry between an exact value and any value
 //! renames its bucket, which then starts full.
 
-use blake3::Hasher;
+use std::cell::RefCell;
 
 /// Prefix and layout version of every key.
 pub const PREFIX: &str = "frl1";
@@ -50,13 +50,7 @@ pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> S
     };
     // The tag covers the domain and the first entry; the middle id extends
     // the tag's digest with the entries between the first and the field.
-    let mut tag = Hasher::new();
-    field(&mut tag, domain);
-    if let Some((key, value)) = first {
-        field(&mut tag, key);
-        field(&mut tag, value);
-    }
-    let tag = tag.finalize();
+    let tag = tag_digest(domain, first);
     let (middle, last) = match (exact_last, entries.last()) {
         (true, Some(last)) => (&rest[..rest.len().saturating_sub(1)], Some(*last)),
         _ => (rest, None),
@@ -67,45 +61,98 @@ pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> S
     out.push_str(":{");
     push_base64(&mut out, tag.as_bytes(), TAG_CHARS);
     out.push_str("}:c");
+    let mut input = Vec::new();
     if !middle.is_empty() {
-        let mut id = Hasher::new();
-        id.update(tag.as_bytes());
+        input.extend_from_slice(tag.as_bytes());
         for (key, value) in middle {
-            field(&mut id, key);
-            field(&mut id, value);
+            field(&mut input, key);
+            field(&mut input, value);
         }
         out.push(':');
-        push_base64(&mut out, id.finalize().as_bytes(), ID_CHARS);
+        push_base64(&mut out, blake3::hash(&input).as_bytes(), ID_CHARS);
     }
     out.push(':');
     match last {
         Some((key, value)) => {
             // The entry count separates `[k=v]` from `[k=v, k=v]`, which
             // have no middle entries and the same last entry.
-            let mut id = Hasher::new();
-            id.update(tag.as_bytes());
-            id.update(&(entries.len() as u64).to_le_bytes());
-            field(&mut id, key);
-            field(&mut id, value);
-            push_base64(&mut out, id.finalize().as_bytes(), FIELD_CHARS);
+            input.clear();
+            input.extend_from_slice(tag.as_bytes());
+            input.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+            field(&mut input, key);
+            field(&mut input, value);
+            push_base64(&mut out, blake3::hash(&input).as_bytes(), FIELD_CHARS);
         }
         None => out.push_str(WHOLE_FIELD),
     }
     out
 }
 
+/// Builds the hash tag of `domain` and an API key's entry, `{T}` with its
+/// braces, which the key's record and buckets share.
+pub fn hash_tag(domain: &str, key: &str, value: &str) -> String {
+    let mut out = String::with_capacity(TAG_CHARS + 2);
+    out.push('{');
+    push_base64(&mut out, tag_digest(domain, Some((key, value))).as_bytes(), TAG_CHARS);
+    out.push('}');
+    out
+}
+
+/// Returns the digest a hash tag is made of. A call's bucket keys and its
+/// account record hash the same domain and API key in turn, so each thread
+/// keeps the last input and its digest.
+fn tag_digest(domain: &str, first: Option<(&str, &str)>) -> blake3::Hash {
+    thread_local! {
+        static MEMO: RefCell<TagMemo> = RefCell::new(TagMemo::default());
+    }
+    MEMO.with(|memo| {
+        let memo = &mut *memo.borrow_mut();
+        memo.input.clear();
+        field(&mut memo.input, domain);
+        if let Some((key, value)) = first {
+            field(&mut memo.input, key);
+            field(&mut memo.input, value);
+        }
+        if memo.input == memo.last {
+            return blake3::Hash::from_bytes(memo.digest);
+        }
+        let digest = blake3::hash(&memo.input);
+        if memo.input.capacity() > MEMO_MAX_BYTES {
+            // A rare long value does not keep its buffer for good. An empty
+            // input never matches, since it always contains a length.
+            *memo = TagMemo::default();
+        } else {
+            std::mem::swap(&mut memo.input, &mut memo.last);
+            memo.digest = *digest.as_bytes();
+        }
+        digest
+    })
+}
+
+/// The last tag input of a thread and its digest; `input` is the buffer
+/// the next one is written to.
+#[derive(Default)]
+struct TagMemo {
+    input: Vec<u8>,
+    last: Vec<u8>,
+    digest: [u8; 32],
+}
+
+/// The largest tag input buffer the memo keeps.
+const MEMO_MAX_BYTES: usize = 1024;
+
 /// Builds the key under which an estimate charged to `bucket_key` for
 /// `request_id` is remembered, in the bucket's hash slot.
 pub fn estimate_key(bucket_key: &str, request_id: &str) -> String {
     let tag_end = bucket_key.find("}:").map_or(bucket_key.len(), |i| i + 1);
-    let mut id = Hasher::new();
-    field(&mut id, bucket_key);
-    field(&mut id, request_id);
+    let mut input = Vec::with_capacity(bucket_key.len() + request_id.len() + 16);
+    field(&mut input, bucket_key);
+    field(&mut input, request_id);
 
     let mut out = String::with_capacity(tag_end + ID_CHARS + 3);
     out.push_str(&bucket_key[..tag_end]);
     out.push_str(":e:");
-    push_base64(&mut out, id.finalize().as_bytes(), ID_CHARS);
+    push_base64(&mut out, blake3::hash(&input).as_bytes(), ID_CHARS);
     out
 }
 
@@ -121,9 +168,9 @@ pub fn redis_location(bucket_key: &str) -> (&str, &str) {
 }
 
 /// Feeds a length-prefixed field, so ("ab", "c") and ("a", "bc") differ.
-fn field(hasher: &mut Hasher, value: &str) {
-    hasher.update(&(value.len() as u64).to_le_bytes());
-    hasher.update(value.as_bytes());
+fn field(input: &mut Vec<u8>, value: &str) {
+    input.extend_from_slice(&(value.len() as u64).to_le_bytes());
+    input.extend_from_slice(value.as_bytes());
 }
 
 /// Appends the first `chars` base64url characters of `bytes` (`chars` a
@@ -201,6 +248,25 @@ mod tests {
         assert_ne!(redis_location(&per_model_meter).0, redis_location(&alone).0);
         assert_eq!(redis_location(&per_model_meter).0, first);
         assert_ne!(redis_location(&per_model_meter).1, WHOLE_FIELD);
+    }
+
+    #[test]
+    fn names_stay_those_already_stored() {
+        // Renaming a key would make its stored bucket start full, so the
+        // names are pinned.
+        let requests = bucket_key("fikra", &[("api_key", "k1"), ("meter", "requests")], true);
+        let model = bucket_key("fikra", &[("api_key", "k1"), ("model", "m-1"), ("meter", "tokens")], true);
+        let whole = bucket_key("fikra", &[("api_key", "k1"), ("model", "m-1")], false);
+        assert_eq!(requests, "frl1:{68AE7x38-JfksXdW}:c:dG0fvkp_");
+        assert_eq!(model, "frl1:{68AE7x38-JfksXdW}:c:9LlaHDQtYA_wQCf4:Ua6rfhvU");
+        assert_eq!(whole, "frl1:{68AE7x38-JfksXdW}:c:9LlaHDQtYA_wQCf4:-");
+        assert_eq!(estimate_key(&requests, "req-1"), "frl1:{68AE7x38-JfksXdW}:e:Kfg8dFvXgUpr9DPm");
+        assert_eq!(hash_tag("fikra", "api_key", "k1"), "{68AE7x38-JfksXdW}");
+        // Another key in between, and a long one that the memo drops.
+        let long = "k".repeat(2000);
+        assert_ne!(hash_tag("fikra", "api_key", &long), hash_tag("fikra", "api_key", "k2"));
+        assert_eq!(hash_tag("fikra", "api_key", &long), hash_tag("fikra", "api_key", &long));
+        assert_eq!(bucket_key("fikra", &[("api_key", "k1"), ("meter", "requests")], true), requests);
     }
 
     #[test]
