@@ -10,7 +10,7 @@ pub mod http;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -56,42 +56,42 @@ const ESTIMATE_ERROR_UNITS: [f64; 17] = [
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
-    domain: String,
+    domain: Arc<str>,
     code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DomainLabels {
-    domain: String,
+    domain: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
-    domain: String,
-    rule: String,
-    tier: String,
+    domain: Arc<str>,
+    rule: Arc<str>,
+    tier: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabels {
-    domain: String,
-    rule: String,
-    tier: String,
+    domain: Arc<str>,
+    rule: Arc<str>,
+    tier: Arc<str>,
     code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReportLabels {
-    domain: String,
-    rule: String,
-    tier: String,
+    domain: Arc<str>,
+    rule: Arc<str>,
+    tier: Arc<str>,
     result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EstimateLabels {
-    domain: String,
-    rule: String,
+    domain: Arc<str>,
+    rule: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +164,37 @@ pub struct Metrics {
     config_domains: Gauge,
     config_loaded_at: Gauge,
     ready: Gauge,
+    /// Shared label texts, so recording a decision allocates none.
+    labels: Arc<LabelTexts>,
+}
+
+/// Label texts shared by every series that uses them: each configured
+/// domain name seen so far, and the fixed texts.
+#[derive(Debug)]
+struct LabelTexts {
+    domains: RwLock<Vec<Arc<str>>>,
+    override_rule: Arc<str>,
+    no_tier: Arc<str>,
+}
+
+impl LabelTexts {
+    /// Returns the shared text of `domain`. Only configured domain names and
+    /// [`UNKNOWN_DOMAIN`] come here, so the list stays as short as the
+    /// configuration.
+    fn domain(&self, domain: &str) -> Arc<str> {
+        let known = self.domains.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(text) = known.iter().find(|text| ***text == *domain) {
+            return text.clone();
+        }
+        drop(known);
+        let mut known = self.domains.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(text) = known.iter().find(|text| ***text == *domain) {
+            return text.clone();
+        }
+        let text: Arc<str> = Arc::from(domain);
+        known.push(text.clone());
+        text
+    }
 }
 
 impl Default for Metrics {
@@ -311,6 +342,11 @@ impl Metrics {
             config_domains,
             config_loaded_at,
             ready,
+            labels: Arc::new(LabelTexts {
+                domains: RwLock::default(),
+                override_rule: Arc::from(OVERRIDE_RULE),
+                no_tier: Arc::from(NO_TIER),
+            }),
         }
     }
 
@@ -348,12 +384,12 @@ impl Metrics {
     /// Records a decided call. `domain` is the requested domain, used as a
     /// label only when the decision marks it as configured.
     pub fn record_decision(&self, domain: &str, store: &'static str, decision: &Decision) {
-        let domain = if decision.unknown_domain { UNKNOWN_DOMAIN } else { domain };
+        let domain = self.labels.domain(if decision.unknown_domain { UNKNOWN_DOMAIN } else { domain });
         let code = match decision.outcome {
             Outcome::Allowed => "ok",
             Outcome::Denied => "over_limit",
         };
-        self.calls.get_or_create(&CallLabels { domain: domain.to_owned(), code }).inc();
+        self.calls.get_or_create(&CallLabels { domain: domain.clone(), code }).inc();
         if let Some(elapsed) = decision.store_elapsed {
             self.store_seconds.get_or_create(&StoreLabels { store, result: "ok" }).observe(elapsed.as_secs_f64());
         }
@@ -367,23 +403,23 @@ impl Metrics {
             return;
         }
         for status in &decision.statuses {
-            self.record_descriptor(domain, status);
+            self.record_descriptor(&domain, status);
         }
     }
 
-    fn record_descriptor(&self, domain: &str, status: &DescriptorStatus) {
+    fn record_descriptor(&self, domain: &Arc<str>, status: &DescriptorStatus) {
         let facts = &status.facts;
         if facts.ignored_override {
-            self.ignored_overrides.get_or_create(&DomainLabels { domain: domain.to_owned() }).inc();
+            self.ignored_overrides.get_or_create(&DomainLabels { domain: domain.clone() }).inc();
         }
         let rule = || RuleLabels {
-            domain: domain.to_owned(),
-            rule: facts.rule.clone().unwrap_or_else(|| OVERRIDE_RULE.to_owned()),
-            tier: facts.tier.clone().unwrap_or_else(|| NO_TIER.to_owned()),
+            domain: domain.clone(),
+            rule: facts.rule.clone().unwrap_or_else(|| self.labels.override_rule.clone()),
+            tier: facts.tier.clone().unwrap_or_else(|| self.labels.no_tier.clone()),
         };
         match facts.kind {
             DescriptorKind::NoLimit => {
-                self.unmatched.get_or_create(&DomainLabels { domain: domain.to_owned() }).inc();
+                self.unmatched.get_or_create(&DomainLabels { domain: domain.clone() }).inc();
             }
             DescriptorKind::Check => {
                 let labels = rule();
@@ -437,8 +473,8 @@ impl Metrics {
     /// Records a call rejected as invalid. `configured` is whether the
     /// requested domain is configured; only then is it used as a label.
     pub fn record_invalid(&self, domain: &str, configured: bool) {
-        let domain = if configured { domain } else { UNKNOWN_DOMAIN };
-        self.calls.get_or_create(&CallLabels { domain: domain.to_owned(), code: "invalid_argument" }).inc();
+        let domain = self.labels.domain(if configured { domain } else { UNKNOWN_DOMAIN });
+        self.calls.get_or_create(&CallLabels { domain, code: "invalid_argument" }).inc();
     }
 
     /// Records a store failure and the response the call got.
@@ -451,7 +487,7 @@ impl Metrics {
             (true, FailureAnswer::Allowed) => ("ok", "allowed"),
             (false, _) => ("internal", "internal"),
         };
-        self.calls.get_or_create(&CallLabels { domain: domain.to_owned(), code }).inc();
+        self.calls.get_or_create(&CallLabels { domain: self.labels.domain(domain), code }).inc();
         if transient {
             self.failure_answers.get_or_create(&AnswerLabels { answer }).inc();
         }

@@ -194,7 +194,7 @@ impl Accounts {
         let settings = domain.accounts.as_ref().ok_or_else(|| {
             AccountError::Invalid(format!("domain `{}` has no `accounts` section in its configuration", domain.name))
         })?;
-        let tier_name = |index: Option<usize>| index.and_then(|i| domain.tiers.get(i)).map(|t| t.name.clone()).unwrap_or_default();
+        let tier_name = |index: Option<usize>| index.and_then(|i| domain.tiers.get(i)).map(|t| t.name.to_string()).unwrap_or_default();
         Ok(Self {
             store: AccountStore::new(store),
             domain: domain.name.clone(),

@@ -25,7 +25,7 @@ pub fn change(change: &Change) -> pb::ChangeResponse {
 pub fn bucket(status: &DescriptorStatus) -> Option<pb::BucketLevel> {
     let limit = status.limit.as_ref()?;
     Some(pb::BucketLevel {
-        rule: status.facts.rule.clone().unwrap_or_default(),
+        rule: status.facts.rule.as_deref().unwrap_or_default().to_owned(),
         meter: status.meter.as_str().to_owned(),
         limit: limit.per_window,
         unit: limit.window_text(),

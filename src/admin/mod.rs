@@ -132,7 +132,7 @@ impl AccountAdmin for AdminService {
         let check = CheckRequest { domain: domain.name.clone(), descriptors, hits: 0 };
         let decision = self.limiter.decide(&check).await.map_err(|error| Status::unavailable(error.to_string()))?;
         let buckets = decision.statuses.iter().filter_map(convert::bucket).collect();
-        let effective_tier = decision.statuses.iter().find_map(|s| s.facts.tier.clone()).unwrap_or_default();
+        let effective_tier = decision.statuses.iter().find_map(|s| s.facts.tier.as_deref().map(str::to_owned)).unwrap_or_default();
         Ok(Response::new(pb::ShowResponse {
             known: view.account.is_some(),
             account: view.account.as_ref().map(convert::account),

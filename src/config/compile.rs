@@ -102,7 +102,7 @@ impl Context<'_> {
                 default_tier = Some(i);
             }
             let display_name = tier.display_name.clone().unwrap_or_else(|| tier.name.clone());
-            tiers.push(Tier { name: tier.name.clone(), display_name });
+            tiers.push(Tier { name: Arc::from(tier.name.as_str()), display_name });
         }
         if !tiers.is_empty() && default_tier.is_none() {
             self.problem("tiers", "no default tier; mark the tier of new accounts `default: true`");
@@ -132,7 +132,7 @@ impl Context<'_> {
                 format!("no top-level rule matches `{}`; the API key must be the first entry of a descriptor", accounts.key_entry),
             );
         }
-        let Some(promoted_tier) = tiers.iter().position(|tier| tier.name == accounts.promoted_tier) else {
+        let Some(promoted_tier) = tiers.iter().position(|tier| *tier.name == *accounts.promoted_tier) else {
             self.problem(
                 "accounts.promoted_tier",
                 format!("unknown tier `{}`; name a tier listed under `tiers`", accounts.promoted_tier),
@@ -189,7 +189,7 @@ impl Context<'_> {
             }
         };
         for name in rule.tier_limits.keys() {
-            if !scope.tiers.iter().any(|tier| &tier.name == name) {
+            if !scope.tiers.iter().any(|tier| *tier.name == **name) {
                 self.problem(
                     format!("{path}.tier_limits.{name}"),
                     format!("unknown tier `{name}`; list it under `tiers` or remove the limit"),
@@ -207,7 +207,7 @@ impl Context<'_> {
         let mut limits = Vec::new();
         if !rule.tier_limits.is_empty() {
             for tier in scope.tiers {
-                let (limit, limit_path) = match rule.tier_limits.get(&tier.name) {
+                let (limit, limit_path) = match rule.tier_limits.get(&*tier.name) {
                     Some(limit) => (limit, format!("{path}.tier_limits.{}", tier.name)),
                     None => match &rule.rate_limit {
                         Some(limit) => (limit, format!("{path}.rate_limit")),
@@ -235,7 +235,7 @@ impl Context<'_> {
 
         Some(Rule {
             path: path.to_owned(),
-            label: label.to_owned(),
+            label: Arc::from(label),
             meter,
             reports: rule.reports,
             shadow: rule.shadow_mode || scope.global_shadow,

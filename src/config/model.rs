@@ -46,7 +46,7 @@ impl DomainLimits {
     /// The tier index for a tier entry value: the named tier, else the default.
     pub fn tier_index(&self, value: Option<&str>) -> Option<usize> {
         value
-            .and_then(|value| self.tiers.iter().position(|tier| tier.name == value))
+            .and_then(|value| self.tiers.iter().position(|tier| *tier.name == *value))
             .or(self.default_tier)
     }
 }
@@ -64,7 +64,7 @@ pub const REPORT_PHASE: &str = "report";
 
 #[derive(Debug, Clone)]
 pub struct Tier {
-    pub name: String,
+    pub name: Arc<str>,
     pub display_name: String,
 }
 
@@ -106,7 +106,7 @@ pub struct Rule {
     /// The rule's path in its file, such as `descriptors[0].descriptors[1]`.
     pub path: String,
     /// A readable form of the matched entries, for logs and metrics.
-    pub label: String,
+    pub label: Arc<str>,
     pub meter: Meter,
     pub reports: bool,
     pub shadow: bool,

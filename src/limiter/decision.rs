@@ -52,9 +52,9 @@ pub struct DescriptorFacts {
     pub kind: DescriptorKind,
     /// Label of the matched rule, such as `api_key/meter=tokens`; `None`
     /// when no rule matched (a limit override from Envoy may still apply).
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// The configured name of the tier the limit was chosen for.
-    pub tier: Option<String>,
+    pub tier: Option<Arc<str>>,
     /// Whether the limit is in shadow mode.
     pub shadow: bool,
     /// How a report was settled.
