@@ -165,14 +165,15 @@ impl MemoryStore {
                     continue;
                 }
                 let expires_ms = now_ms.saturating_add(result.state.reset_ms(&op.params, now_ms)).saturating_add(slack_ms);
-                if !tables.buckets.contains(&op.key) {
-                    while tables.buckets.len() >= self.bounds.max_buckets {
-                        let forgiven = evict_bucket(&mut tables.buckets, &mut tables.random, now_ms);
-                        self.evictions.buckets.fetch_add(1, Ordering::Relaxed);
-                        self.evictions.forgiven_units.fetch_add(forgiven, Ordering::Relaxed);
-                    }
-                }
                 let stored = StoredBucket { state: result.state, params: op.params };
+                if tables.buckets.update(&op.key, stored, expires_ms) {
+                    continue;
+                }
+                while tables.buckets.len() >= self.bounds.max_buckets {
+                    let forgiven = evict_bucket(&mut tables.buckets, &mut tables.random, now_ms);
+                    self.evictions.buckets.fetch_add(1, Ordering::Relaxed);
+                    self.evictions.forgiven_units.fetch_add(forgiven, Ordering::Relaxed);
+                }
                 tables.buckets.insert(&op.key, stored, expires_ms);
             }
             outcome
@@ -348,6 +349,15 @@ impl<T> Table<T> {
 
     fn get(&self, key: &str) -> Option<&Slot<T>> {
         self.index.get(key).map(|index| &self.slots[*index])
+    }
+
+    /// Replaces the value of a present key. Returns false when the key is absent.
+    fn update(&mut self, key: &str, value: T, expires_ms: u64) -> bool {
+        let Some(index) = self.index.get(key) else { return false };
+        let slot = &mut self.slots[*index];
+        slot.value = value;
+        slot.expires_ms = expires_ms;
+        true
     }
 
     fn insert(&mut self, key: &str, value: T, expires_ms: u64) {
