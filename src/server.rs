@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TcpIncoming;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
@@ -159,12 +161,19 @@ pub async fn run_with(
         builder = builder.tls_config(config)?;
     }
     info!(listen.addr = %crate::telemetry::address_text(address), listen.tls = tls, store = limiter.store().kind(), "Serving ShouldRateLimit");
-    let serve = builder
-        .add_service(health_service)
-        .add_service(reflection)
-        // A larger message is rejected with OUT_OF_RANGE before it is decoded.
-        .add_service(RateLimitServiceServer::new(handler).max_decoding_message_size(limiter.settings().bounds.max_message_bytes))
-        .serve_with_incoming_shutdown(incoming(listener), drain);
+    // A larger message is rejected with OUT_OF_RANGE before it is decoded.
+    let rls = RateLimitServiceServer::new(handler).max_decoding_message_size(limiter.settings().bounds.max_message_bytes);
+    let mut routes = Routes::builder();
+    routes.add_service(health_service).add_service(reflection).add_service(rls.clone());
+    let mut routes = routes.routes();
+    // Each service is routed by its name prefix, which makes the router
+    // allocate the rest of the path as a parameter for every call. The
+    // decision path also gets a route of its own by its full path, which
+    // takes none.
+    let decide_path = format!("/{}/ShouldRateLimit", <RateLimitServiceServer<RateLimitHandler> as NamedService>::NAME);
+    let router = std::mem::take(routes.axum_router_mut()).route_service(&decide_path, rls);
+    *routes.axum_router_mut() = router;
+    let serve = builder.add_routes(routes).serve_with_incoming_shutdown(incoming(listener), drain);
 
     let result = tokio::select! {
         result = serve => result,
