@@ -1234,19 +1234,16 @@ async fn redis_script_matches_judge() {
 /// Calls sent together share one command of the batch script, which reads
 /// each call in place. Each round sends up to 12 random calls at once, some
 /// guarded, and checks every reply against judge() applied in the order the
-/// calls were sent. The records contain a space, so their guards travel as
-/// arguments of their own rather than as words of the packed call.
+/// calls were sent.
 #[tokio::test]
 async fn redis_batches_match_judge() {
-    const SPACED_BEFORE: &str = "a1|1|acme|free tier|||";
-    const SPACED_AFTER: &str = "a1|2|acme|paid tier|||";
     let h = Harness::redis().await;
     let params = comparison_params();
     let mut random = Random(0x2545_f491_4f6c_dd1d);
     let mut current = [0, 1, 4, 6];
     let mut states: HashMap<String, BucketState> = HashMap::new();
     let mut estimates = Estimates::default();
-    h.set_record(&h.record_key(), SPACED_BEFORE);
+    h.set_record(&h.record_key(), RECORD_BEFORE);
     let commands_before = h.server().command_calls("evalsha");
     let mut calls = 0_u64;
     let mut plain = 0_u32;
@@ -1262,7 +1259,7 @@ async fn redis_batches_match_judge() {
                     op.estimates.clear();
                 }
             }
-            let guard = random.chance(30).then(|| if random.chance(25) { SPACED_AFTER } else { SPACED_BEFORE });
+            let guard = random.chance(30).then(|| if random.chance(25) { RECORD_AFTER } else { RECORD_BEFORE });
             sent.push((ops, guard));
         }
         calls += sent.len() as u64;
@@ -1280,12 +1277,12 @@ async fn redis_batches_match_judge() {
         for ((ops, guard), outcome) in sent.iter().zip(outcomes) {
             let out = match outcome {
                 Guarded::Stale(actual) => {
-                    assert_eq!(*guard, Some(SPACED_AFTER), "round {round}: a holding guard was stale");
-                    assert_eq!(actual, [Some(SPACED_BEFORE.to_owned())], "round {round}");
+                    assert_eq!(*guard, Some(RECORD_AFTER), "round {round}: a holding guard was stale");
+                    assert_eq!(actual, [Some(RECORD_BEFORE.to_owned())], "round {round}");
                     continue;
                 }
                 Guarded::Judged(out) => {
-                    assert_ne!(*guard, Some(SPACED_AFTER), "round {round}: a stale guard judged {ops:#?}");
+                    assert_ne!(*guard, Some(RECORD_AFTER), "round {round}: a stale guard judged {ops:#?}");
                     out
                 }
             };

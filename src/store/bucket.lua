@@ -110,11 +110,10 @@
 -- the same reply and the same writes.
 --
 -- The call's keys and arguments are keys[kb + 1 .. kb + nk] and
--- argv[ab + 1 .. ab + na], so the batch script can pass each call's keys
--- in place in its own KEYS, and its arguments after the two counts that
--- start each call's words. `now` is an argument and the globals are cached
--- in the function's own locals, because a closure costs more for every
--- upvalue it captures.
+-- argv[ab + 1 .. ab + na], so the batch script can pass the calls packed
+-- into its own KEYS and ARGV without copying them. `now` is an argument and
+-- the globals are cached in the function's own locals, because a closure
+-- costs more for every upvalue it captures.
 local function judge_plain(now, keys, argv, kb, ab, nk, na)
   local tonumber, floor, ceil = tonumber, math.floor, math.ceil
   local format, match, call = string.format, string.match, redis.call

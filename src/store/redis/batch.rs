@@ -36,47 +36,36 @@ pub const MAX_BATCH: usize = 64;
 /// The prefix of a reply that is one call's error.
 const CALL_ERROR: &str = "FRLERR ";
 
-/// Judges every call packed into KEYS and ARGV: `ARGV[1]` is the call
-/// count, then each call has one element of words separated by single
-/// spaces, followed by its loose arguments. The words are the call's key
-/// count, its loose argument count, then its first arguments; the loose
-/// arguments are the rest of them, which a word cannot hold (see [`pack`]).
-/// KEYS contains every call's keys in order. The plain path reads each call
-/// in place. A call it does not take is copied out and judged by the whole
-/// bucket script. Replies with one entry per call: the bucket script's
-/// reply, or `FRLERR <message>` when that call raised an error.
+/// Judges every call packed into KEYS and ARGV: `ARGV[1]` is the call count
+/// m, `ARGV[2 .. 2m+1]` the key and argument counts of each call, then
+/// every call's arguments in order; KEYS contains every call's keys in
+/// order. The plain path reads each call in place. A call it does not take
+/// is copied out and judged by the whole bucket script. Replies with one
+/// entry per call: the bucket script's reply, or `FRLERR <message>` when
+/// that call raised an error.
 const DRIVER: &str = r"
 local count = tonumber(ARGV[1])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local gmatch = string.gmatch
 local replies = {}
 local key_at = 1
-local at = 2
+local arg_at = 2 + 2 * count
 for c = 1, count do
-  local argv, n = {}, 0
-  for word in gmatch(ARGV[at], '[^ ]+') do
-    n = n + 1
-    argv[n] = word
-  end
-  local key_count, loose = tonumber(argv[1]), tonumber(argv[2])
-  for i = 1, loose do
-    argv[n + i] = ARGV[at + i]
-  end
-  at = at + 1 + loose
-  local arg_count = n - 2 + loose
-  local ok, reply = pcall(judge_plain, now, KEYS, argv, key_at - 1, 2, key_count, arg_count)
+  local key_count = tonumber(ARGV[2 * c])
+  local arg_count = tonumber(ARGV[2 * c + 1])
+  local ok, reply = pcall(judge_plain, now, KEYS, ARGV, key_at - 1, arg_at - 1, key_count, arg_count)
   if ok and reply == nil then
-    local keys, call_argv = {}, {}
+    local keys, argv = {}, {}
     for i = 1, key_count do
       keys[i] = KEYS[key_at + i - 1]
     end
     for i = 1, arg_count do
-      call_argv[i] = argv[2 + i]
+      argv[i] = ARGV[arg_at + i - 1]
     end
-    ok, reply = pcall(bucket_call, keys, call_argv)
+    ok, reply = pcall(bucket_call, keys, argv)
   end
   key_at = key_at + key_count
+  arg_at = arg_at + arg_count
   if ok then
     replies[c] = reply
   elseif type(reply) == 'table' and reply.err then
@@ -219,67 +208,21 @@ async fn send(pool: Pool, scripts: Arc<Scripts>, calls: Vec<Pending>) {
 
 /// Packs the calls into the batch script's KEYS and ARGV, leaving each
 /// call's own vectors empty.
-///
-/// Each argument costs the Redis client an element to encode and Redis one
-/// to parse, so a call's arguments travel as words of one element: its
-/// integers in decimal, and its texts that are not empty and contain no
-/// space. The first argument that cannot be a word, and every one after
-/// it, goes as an element of its own.
 fn pack(calls: &mut [Pending]) -> (Vec<Key>, Vec<Value>) {
     let key_total = calls.iter().map(|call| call.keys.len()).sum();
+    let arg_total: usize = calls.iter().map(|call| call.args.len()).sum();
     let mut keys = Vec::with_capacity(key_total);
-    let mut args = Vec::with_capacity(1 + calls.len());
+    let mut args = Vec::with_capacity(1 + 2 * calls.len() + arg_total);
     args.push(Value::Integer(calls.len() as i64));
+    for call in calls.iter() {
+        args.push(Value::Integer(call.keys.len() as i64));
+        args.push(Value::Integer(call.args.len() as i64));
+    }
     for call in calls.iter_mut() {
-        let key_count = call.keys.len();
         keys.append(&mut call.keys);
-        let words = call.args.iter().position(|arg| !is_word(arg)).unwrap_or(call.args.len());
-        let mut text = Vec::with_capacity(8 + 12 * words);
-        push_decimal(&mut text, key_count as i64);
-        text.push(b' ');
-        push_decimal(&mut text, (call.args.len() - words) as i64);
-        for arg in &call.args[..words] {
-            text.push(b' ');
-            match arg {
-                Value::Integer(value) => push_decimal(&mut text, *value),
-                other => text.extend_from_slice(other.as_bytes().unwrap_or_default()),
-            }
-        }
-        args.push(Value::Bytes(text.into()));
-        args.extend(call.args.drain(words..));
-        call.args.clear();
+        args.append(&mut call.args);
     }
     (keys, args)
-}
-
-/// Whether `arg` can travel as a word of a packed call.
-fn is_word(arg: &Value) -> bool {
-    match arg {
-        Value::Integer(_) => true,
-        Value::String(_) | Value::Bytes(_) => {
-            arg.as_bytes().is_some_and(|bytes| !bytes.is_empty() && !bytes.contains(&b' '))
-        }
-        _ => false,
-    }
-}
-
-/// Appends `value` in decimal, as the client writes an integer argument.
-fn push_decimal(out: &mut Vec<u8>, value: i64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = value.unsigned_abs();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    if value < 0 {
-        out.push(b'-');
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// Turns one call's entry of the batch reply into its result: the
@@ -317,35 +260,18 @@ mod tests {
     }
 
     #[test]
-    fn pack_puts_words_then_loose_arguments_in_call_order() {
+    fn pack_puts_counts_then_arguments_in_call_order() {
         let (first, _) = oneshot::channel();
         let (second, _) = oneshot::channel();
         let now = Instant::now();
         let mut calls = vec![
-            Pending { keys: vec!["a".into()], args: vec![Value::Integer(1), Value::Integer(-20)], deadline: now, reply: first },
-            Pending {
-                keys: vec!["b".into(), "c".into()],
-                args: vec![Value::Integer(3), Value::from("Ua6rfhvU"), Value::from("two words"), Value::Integer(4)],
-                deadline: now,
-                reply: second,
-            },
+            Pending { keys: vec!["a".into()], args: vec![Value::Integer(1), Value::Integer(2)], deadline: now, reply: first },
+            Pending { keys: vec!["b".into(), "c".into()], args: vec![Value::Integer(3)], deadline: now, reply: second },
         ];
         let (keys, args) = pack(&mut calls);
         assert_eq!(keys, vec![Key::from("a"), Key::from("b"), Key::from("c")]);
-        let texts: Vec<String> = args.iter().map(|value| value.as_string().expect("text")).collect();
-        assert_eq!(texts, ["2", "1 0 1 -20", "2 2 3 Ua6rfhvU", "two words", "4"]);
-        assert!(calls.iter().all(|call| call.keys.is_empty() && call.args.is_empty()));
-    }
-
-    #[test]
-    fn decimals_match_integer_arguments() {
-        for value in [0, 7, -1, 10, 999, i64::MAX, i64::MIN, 9_007_199_254_740_991] {
-            let mut text = Vec::new();
-            push_decimal(&mut text, value);
-            assert_eq!(String::from_utf8(text).expect("ascii"), value.to_string());
-        }
-        assert!(!is_word(&Value::from("")));
-        assert!(!is_word(&Value::Double(1.5)));
+        let ints: Vec<i64> = args.iter().map(|value| value.as_i64().expect("integer")).collect();
+        assert_eq!(ints, vec![2, 1, 2, 2, 1, 1, 2, 3]);
     }
 
     #[test]
