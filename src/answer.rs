@@ -1,7 +1,6 @@
 //! The client's view of a decision: the `x-ratelimit-*` headers, and on a
 //! denial `retry-after` and the JSON body Envoy returns with the 429.
 
-use std::fmt::Write as _;
 
 use serde::Serialize;
 
@@ -32,8 +31,8 @@ pub fn build(decision: &Decision) -> Answer {
             .filter(|status| status.meter == meter && status.limit.is_some())
             .min_by_key(|status| status.remaining);
         if let Some(status @ DescriptorStatus { limit: Some(limit), .. }) = tightest {
-            headers.push((limit_name, limit.params.capacity.to_string()));
-            headers.push((remaining_name, status.remaining.to_string()));
+            headers.push((limit_name, decimal(limit.params.capacity)));
+            headers.push((remaining_name, decimal(status.remaining)));
             headers.push((reset_name, go_duration(status.reset_ms)));
         }
     }
@@ -120,31 +119,67 @@ pub fn body(denial: &Denial) -> String {
 /// Formats milliseconds as Go's `time.Duration` prints them: `0s`, `20ms`,
 /// `1.5s`, `6m0s`, `1h0m0s`.
 pub fn go_duration(ms: u64) -> String {
+    let mut out = String::with_capacity(16);
     if ms == 0 {
-        return "0s".to_owned();
+        out.push_str("0s");
+        return out;
     }
     if ms < 1000 {
-        return format!("{ms}ms");
+        push_decimal(&mut out, ms);
+        out.push_str("ms");
+        return out;
     }
     let hours = ms / 3_600_000;
     let minutes = ms / 60_000 % 60;
     let seconds = ms / 1000 % 60;
     let millis = ms % 1000;
 
-    let mut out = String::with_capacity(16);
     if hours > 0 {
-        let _ = write!(out, "{hours}h");
+        push_decimal(&mut out, hours);
+        out.push('h');
     }
     if hours > 0 || minutes > 0 {
-        let _ = write!(out, "{minutes}m");
+        push_decimal(&mut out, minutes);
+        out.push('m');
     }
-    let _ = write!(out, "{seconds}");
+    push_decimal(&mut out, seconds);
     if millis > 0 {
-        let fraction = format!("{millis:03}");
-        let _ = write!(out, ".{}", fraction.trim_end_matches('0'));
+        // Three digits without the trailing zeros: 50 ms is `.05`.
+        let digits = [millis / 100, millis / 10 % 10, millis % 10];
+        let kept = if digits[2] > 0 { 3 } else if digits[1] > 0 { 2 } else { 1 };
+        out.push('.');
+        for digit in &digits[..kept] {
+            out.push(char::from(b'0' + *digit as u8));
+        }
     }
     out.push('s');
     out
+}
+
+/// Formats a count in decimal, as a header value.
+fn decimal(value: u64) -> String {
+    let mut out = String::with_capacity(20);
+    push_decimal(&mut out, value);
+    out
+}
+
+/// Appends `value` in decimal. Every call's headers contain several counts,
+/// and this takes fewer instructions than `to_string` and its formatting.
+fn push_decimal(out: &mut String, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for digit in &digits[at..] {
+        out.push(char::from(*digit));
+    }
 }
 
 #[cfg(test)]

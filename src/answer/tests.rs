@@ -42,9 +42,43 @@ fn go_duration_matches_go_format() {
         (172_800, "2m52.8s"),
         (3_600_000, "1h0m0s"),
         (3_661_001, "1h1m1.001s"),
+        (1_100, "1.1s"),
+        (59_990, "59.99s"),
+        (86_400_000, "24h0m0s"),
+        (u64::MAX, "5124095576030h25m51.615s"),
     ];
     for (ms, expected) in cases {
         assert_eq!(go_duration(ms), expected, "{ms} ms");
+    }
+}
+
+#[test]
+fn go_duration_matches_formatted_parts() {
+    // The same parts written with format!, for many durations of 1 s or more.
+    let reference = |ms: u64| {
+        let (hours, minutes, seconds, millis) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+        let mut out = String::new();
+        if hours > 0 {
+            out += &format!("{hours}h");
+        }
+        if hours > 0 || minutes > 0 {
+            out += &format!("{minutes}m");
+        }
+        out += &seconds.to_string();
+        if millis > 0 {
+            out += &format!(".{millis:03}").trim_end_matches('0').to_owned();
+        }
+        out + "s"
+    };
+    for ms in (1000..200_000).step_by(7).chain([3_600_000, 7_261_010, 90_061_500]) {
+        assert_eq!(go_duration(ms), reference(ms), "{ms} ms");
+    }
+}
+
+#[test]
+fn decimal_matches_to_string() {
+    for value in [0, 9, 10, 4_000, 160_000, u64::MAX] {
+        assert_eq!(decimal(value), value.to_string());
     }
 }
 
