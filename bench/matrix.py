@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "target/release/fikra-ratelimit"
 LOADGEN = ROOT / "target/release/fikra-loadgen"
 CONFIG = ROOT / "deploy/config/fikra.yaml"
+# Seconds of unmeasured load before each measured run.
+WARMUP_SECONDS = 0.5
 
 
 def free_port():
@@ -135,7 +137,7 @@ def service(procs, redis_url, extra_args=()):
 def loadgen(port, pid, in_flight, connections, keys, seconds, prefix, rate=None):
     args = [str(LOADGEN), "--target", f"http://127.0.0.1:{port}", "--in-flight", str(in_flight),
             "--connections", str(connections), "--keys", str(keys), "--duration", str(seconds),
-            "--warmup", "0.5", "--service-pid", str(pid), "--key-prefix", prefix]
+            "--warmup", str(WARMUP_SECONDS), "--service-pid", str(pid), "--key-prefix", prefix]
     if rate:
         args += ["--rate", str(rate)]
     output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
