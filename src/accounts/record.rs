@@ -118,7 +118,13 @@ fn optional_count(text: &str) -> Option<Option<u64>> {
 /// Builds the key record key of `api_key` in `domain`: the hash tag of the
 /// key's buckets (see [`keys::bucket_key`]) with the suffix `:a`.
 pub fn record_key(domain: &str, key_entry: &str, api_key: &str) -> String {
-    format!("{}:{}:a", keys::PREFIX, keys::hash_tag(domain, key_entry, api_key))
+    let tag = keys::hash_tag(domain, key_entry, api_key);
+    let mut key = String::with_capacity(keys::PREFIX.len() + tag.len() + 3);
+    key.push_str(keys::PREFIX);
+    key.push(':');
+    key.push_str(&tag);
+    key.push_str(":a");
+    key
 }
 
 /// Builds the account key of `account_id` in `domain`.
