@@ -178,9 +178,10 @@ struct LabelTexts {
 }
 
 impl LabelTexts {
-    /// Returns the shared text of `domain`. Only configured domain names and
-    /// [`UNKNOWN_DOMAIN`] come here, so the list stays as short as the
-    /// configuration.
+    /// Returns the shared text of `domain`. Configured domain names and
+    /// [`UNKNOWN_DOMAIN`] come here; past [`MAX_SHARED_DOMAINS`] names a
+    /// text is returned without being kept, so the list stays bounded
+    /// whatever a caller passes.
     fn domain(&self, domain: &str) -> Arc<str> {
         let known = self.domains.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(text) = known.iter().find(|text| ***text == *domain) {
@@ -192,10 +193,15 @@ impl LabelTexts {
             return text.clone();
         }
         let text: Arc<str> = Arc::from(domain);
-        known.push(text.clone());
+        if known.len() < MAX_SHARED_DOMAINS {
+            known.push(text.clone());
+        }
         text
     }
 }
+
+/// The most domain names [`LabelTexts`] keeps.
+const MAX_SHARED_DOMAINS: usize = 256;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -565,5 +571,24 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_texts_share_and_stay_bounded() {
+        let texts = Metrics::new().labels;
+        let first = texts.domain("fikra");
+        assert!(Arc::ptr_eq(&first, &texts.domain("fikra")));
+
+        for index in 0..2 * MAX_SHARED_DOMAINS {
+            let name = format!("domain-{index}");
+            assert_eq!(&*texts.domain(&name), name);
+        }
+        assert_eq!(texts.domains.read().expect("not poisoned").len(), MAX_SHARED_DOMAINS);
+        assert!(Arc::ptr_eq(&first, &texts.domain("fikra")));
     }
 }
