@@ -146,9 +146,9 @@ pub fn go_duration(ms: u64) -> String {
     if millis > 0 {
         // Three digits without the trailing zeros: 50 ms is `.05`.
         let digits = [millis / 100, millis / 10 % 10, millis % 10];
-        let kept = if digits[2] > 0 { 3 } else if digits[1] > 0 { 2 } else { 1 };
+        let length = if digits[2] > 0 { 3 } else if digits[1] > 0 { 2 } else { 1 };
         out.push('.');
-        for digit in &digits[..kept] {
+        for digit in &digits[..length] {
             out.push(char::from(b'0' + *digit as u8));
         }
     }

@@ -89,7 +89,7 @@ impl<U: Message + Default + 'static> Decoder for LenientDecoder<U> {
 
 /// Returns the buffer settings of a call's messages. tonic allocates the
 /// buffer size for every call in each direction and grows a buffer in steps
-/// of it. A check and its answer take a few hundred bytes, so 1 KiB fits
+/// of it. A check and its response take a few hundred bytes, so 1 KiB fits
 /// them, where tonic's default of 8 KiB costs a large allocation per call.
 fn buffer_settings() -> BufferSettings {
     BufferSettings::new(CALL_BUFFER_BYTES, YIELD_THRESHOLD_BYTES)

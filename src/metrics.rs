@@ -178,10 +178,9 @@ struct LabelTexts {
 }
 
 impl LabelTexts {
-    /// Returns the shared text of `domain`. Configured domain names and
-    /// [`UNKNOWN_DOMAIN`] come here; past [`MAX_SHARED_DOMAINS`] names a
-    /// text is returned without being kept, so the list stays bounded
-    /// whatever a caller passes.
+    /// Returns the shared text of `domain`, a configured domain name or
+    /// [`UNKNOWN_DOMAIN`]. Past [`MAX_SHARED_DOMAINS`] names, a new text is
+    /// returned without being kept, so the list stays bounded.
     fn domain(&self, domain: &str) -> Arc<str> {
         let known = self.domains.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(text) = known.iter().find(|text| ***text == *domain) {
@@ -200,7 +199,7 @@ impl LabelTexts {
     }
 }
 
-/// The most domain names [`LabelTexts`] keeps.
+/// The maximum number of domain names [`LabelTexts`] keeps.
 const MAX_SHARED_DOMAINS: usize = 256;
 
 impl Default for Metrics {

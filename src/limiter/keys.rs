@@ -113,24 +113,25 @@ fn tag_digest(domain: &str, first: Option<(&str, &str)>) -> blake3::Hash {
             field(&mut memo.input, key);
             field(&mut memo.input, value);
         }
+        if memo.input.capacity() > MEMO_MAX_BYTES {
+            // A rare long value does not keep its buffer for good. An empty
+            // input never matches, since it always contains a length.
+            let digest = blake3::hash(&memo.input);
+            *memo = TagMemo::default();
+            return digest;
+        }
         if memo.input == memo.last {
             return blake3::Hash::from_bytes(memo.digest);
         }
         let digest = blake3::hash(&memo.input);
-        if memo.input.capacity() > MEMO_MAX_BYTES {
-            // A rare long value does not keep its buffer for good. An empty
-            // input never matches, since it always contains a length.
-            *memo = TagMemo::default();
-        } else {
-            std::mem::swap(&mut memo.input, &mut memo.last);
-            memo.digest = *digest.as_bytes();
-        }
+        std::mem::swap(&mut memo.input, &mut memo.last);
+        memo.digest = *digest.as_bytes();
         digest
     })
 }
 
-/// The last tag input of a thread and its digest; `input` is the buffer
-/// the next one is written to.
+/// The last tag input of a thread and its digest. `input` is the buffer
+/// the next input is written to.
 #[derive(Default)]
 struct TagMemo {
     input: Vec<u8>,
@@ -138,7 +139,7 @@ struct TagMemo {
     digest: [u8; 32],
 }
 
-/// The largest tag input buffer the memo keeps.
+/// The maximum capacity in bytes of a tag input buffer the memo keeps.
 const MEMO_MAX_BYTES: usize = 1024;
 
 /// Builds the key under which an estimate charged to `bucket_key` for
