@@ -16,7 +16,8 @@
 //! - [`answer`]: a decision to the client's headers and denial body.
 //! - [`rls`]: the gRPC handler, protocol to domain and back, and the one
 //!   place errors become gRPC statuses.
-//! - [`server`]: tonic server, health, reflection, TLS, shutdown.
+//! - [`server`]: the gRPC port on hyper, health, reflection, TLS, shutdown.
+//! - [`unary`]: the decision call read from and written to HTTP/2 directly.
 //! - [`metrics`]: Prometheus metrics and the HTTP port with the probes.
 //! - [`reload`]: watching the configuration files and applying changes.
 //! - [`tls`]: the gRPC port's certificates.
@@ -51,3 +52,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod unary;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost_types::{Duration as ProtoDuration, Struct, Value, value::Kind as ValueKind};
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
@@ -42,10 +41,19 @@ impl RateLimitHandler {
 #[tonic::async_trait]
 impl RateLimitService for RateLimitHandler {
     async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
+        let timeout = request.metadata().get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
+        self.decide(timeout.as_deref(), request.into_inner()).await.map(Response::new)
+    }
+}
+
+impl RateLimitHandler {
+    /// Decides one call. `grpc_timeout` is the caller's `grpc-timeout`
+    /// header, which bounds the store call.
+    pub async fn decide(&self, grpc_timeout: Option<&str>, request: RateLimitRequest) -> Result<RateLimitResponse, Status> {
         let _in_flight = self.metrics.in_flight();
         let started = Instant::now();
-        let budget = store_budget(request.metadata());
-        let request = translate(request.into_inner());
+        let budget = grpc_timeout.and_then(store_budget);
+        let request = translate(request);
         match self.limiter.decide_within(&request, budget).await {
             Ok(decision) => {
                 self.metrics.record_decision(&request.domain, self.limiter.store().kind(), &decision);
@@ -61,7 +69,7 @@ impl RateLimitService for RateLimitHandler {
                     rls.rules = %rule_labels(&decision),
                     "Decided"
                 );
-                Ok(Response::new(respond(&decision)))
+                Ok(respond(&decision))
             }
             Err(LimiterError::Store(store))
                 if store.is_transient() && self.limiter.settings().failure_mode == FailureMode::Allow =>
@@ -71,7 +79,7 @@ impl RateLimitService for RateLimitHandler {
                 if let Some(suppressed) = self.store_error_log.allow() {
                     warn!(rls.domain = %request.domain, error = %store, suppressed, "Store unavailable; allowing the call (fail-open)");
                 }
-                Ok(Response::new(fail_open(request.descriptors.len())))
+                Ok(fail_open(request.descriptors.len()))
             }
             Err(error) => {
                 self.count_error(&error, &request.domain, started);
@@ -82,11 +90,11 @@ impl RateLimitService for RateLimitHandler {
 }
 
 /// Returns the store's share of the deadline the caller sent in
-/// `grpc-timeout`: the timeout less a quarter of it (at most 50 ms), so the
-/// answer leaves before the caller, and tonic, give up. Envoy's 20 ms leave
-/// the store 15 ms. `None` without a valid header.
-fn store_budget(metadata: &MetadataMap) -> Option<Duration> {
-    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+/// `grpc-timeout`, given that header's value: the timeout less a quarter
+/// of it (at most 50 ms), so the answer leaves before the caller gives up.
+/// Envoy's 20 ms leave the store 15 ms. `None` for an invalid value.
+fn store_budget(grpc_timeout: &str) -> Option<Duration> {
+    let timeout = parse_grpc_timeout(grpc_timeout)?;
     Some(timeout - (timeout / 4).min(DEADLINE_RESERVE_MAX))
 }
 
@@ -309,15 +317,11 @@ mod tests {
 
     #[test]
     fn store_budget_keeps_a_reserve() {
-        let budget = |value: &str| {
-            let mut metadata = MetadataMap::new();
-            metadata.insert("grpc-timeout", value.parse().expect("ASCII"));
-            store_budget(&metadata)
-        };
+        let budget = store_budget;
         assert_eq!(budget("20m"), Some(Duration::from_millis(15)), "a quarter of 20 ms");
         assert_eq!(budget("100m"), Some(Duration::from_millis(75)), "a quarter of 100 ms");
         assert_eq!(budget("1S"), Some(Duration::from_millis(950)), "at most 50 ms");
-        assert_eq!(store_budget(&MetadataMap::new()), None);
+        assert_eq!(store_budget("soon"), None);
     }
 
     #[test]

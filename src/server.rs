@@ -18,8 +18,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::ServerTlsConfig;
-use tonic::transport::server::TcpIncoming;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -33,6 +31,9 @@ use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::rls::RateLimitHandler;
 use crate::store::Store;
+use crate::unary::DecideService;
+
+mod conn;
 
 /// The service name health reports under, besides the empty overall name.
 pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -49,8 +50,6 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -61,7 +60,7 @@ pub struct ServerOptions {
     /// The HTTP port for `/metrics`, `/healthz` and `/readyz`; none without it.
     pub metrics_listener: Option<TcpListener>,
     /// TLS on the gRPC port; plain text (h2c) without it.
-    pub tls: Option<ServerTlsConfig>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// How long the listener keeps accepting after the shutdown signal.
     pub shutdown_delay: Duration,
     /// How long after the shutdown signal the server returns at the latest.
@@ -155,25 +154,20 @@ pub async fn run_with(
         tokio::time::sleep(grace).await;
     };
 
-    let mut builder = tonic::transport::Server::builder();
-    let tls = options.tls.is_some();
-    if let Some(config) = options.tls {
-        builder = builder.tls_config(config)?;
-    }
-    info!(listen.addr = %crate::telemetry::address_text(address), listen.tls = tls, store = limiter.store().kind(), "Serving ShouldRateLimit");
-    // A larger message is rejected with OUT_OF_RANGE before it is decoded.
-    let rls = RateLimitServiceServer::new(handler).max_decoding_message_size(limiter.settings().bounds.max_message_bytes);
+    let tls = options.tls;
+    info!(listen.addr = %crate::telemetry::address_text(address), listen.tls = tls.is_some(), store = limiter.store().kind(), "Serving ShouldRateLimit");
+    // The other methods of the service, health and reflection keep tonic's
+    // routes; `ShouldRateLimit` itself goes to `DecideService`.
+    let rls = RateLimitServiceServer::new(handler.clone()).max_decoding_message_size(limiter.settings().bounds.max_message_bytes);
     let mut routes = Routes::builder();
-    routes.add_service(health_service).add_service(reflection).add_service(rls.clone());
-    let mut routes = routes.routes();
-    // Each service is routed by its name prefix, which makes the router
-    // allocate the rest of the path as a parameter for every call. The
-    // decision path also gets a route of its own by its full path, which
-    // takes none.
+    routes.add_service(health_service).add_service(reflection).add_service(rls);
     let decide_path = format!("/{}/ShouldRateLimit", <RateLimitServiceServer<RateLimitHandler> as NamedService>::NAME);
-    let router = std::mem::take(routes.axum_router_mut()).route_service(&decide_path, rls);
-    *routes.axum_router_mut() = router;
-    let serve = builder.add_routes(routes).serve_with_incoming_shutdown(incoming(listener), drain);
+    let decide = DecideService::new(handler, limiter.settings().bounds.max_message_bytes);
+    let edge = conn::Edge::new(&decide_path, decide, routes.routes());
+    let serve = async move {
+        conn::serve(listener, tls, edge, drain).await;
+        Ok::<(), ServerError>(())
+    };
 
     let result = tokio::select! {
         result = serve => result,
@@ -190,15 +184,6 @@ pub async fn run_with(
     }
     info!(listen.addr = %crate::telemetry::address_text(address), "Server stopped");
     Ok(result?)
-}
-
-/// Accepted connections with Nagle's algorithm off: with it on, a small
-/// answer waits for the peer's delayed ACK (about 40 ms on Linux), twice
-/// Envoy's default 20 ms deadline.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 /// Pings the store every [`HEALTH_INTERVAL`] and reports the result to the

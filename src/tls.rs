@@ -5,8 +5,13 @@
 //! Kubernetes).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio_rustls::TlsAcceptor;
 
 /// The PEM files of the gRPC port's TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,20 +31,54 @@ pub enum TlsError {
     Read { flag: &'static str, path: String, error: std::io::Error },
     #[error("{flag} file {path} holds no PEM block (-----BEGIN ...); give a PEM-encoded {what}")]
     NotPem { flag: &'static str, path: String, what: &'static str },
+    #[error("{flag} file {path} is not a valid PEM-encoded {what}: {error}")]
+    BadPem { flag: &'static str, path: String, what: &'static str, error: String },
+    #[error("TLS settings rejected: {0}; check that --tls-key is the key of --tls-cert's first certificate")]
+    Settings(String),
 }
 
 impl TlsFiles {
-    /// Reads the files into tonic's server TLS settings.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        let cert = read_pem(&self.cert, "--tls-cert", "certificate chain")?;
+    /// Reads the files into the server's TLS settings: HTTP/2 by ALPN, and
+    /// client certificates required when a client CA is given.
+    pub fn server_config(&self) -> Result<TlsAcceptor, TlsError> {
+        let certs = certificates(&self.cert, "--tls-cert", "certificate chain")?;
         let key = read_pem(&self.key, "--tls-key", "private key")?;
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        if let Some(ca) = &self.client_ca {
-            let ca = read_pem(ca, "--tls-client-ca", "CA certificate")?;
-            config = config.client_ca_root(Certificate::from_pem(ca));
-        }
-        Ok(config)
+        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|error| bad_pem(&self.key, "--tls-key", "private key", error))?;
+        // ring, as for the Redis connections: it builds without cmake. It
+        // has no post-quantum key exchange, which rustls now marks.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|error| TlsError::Settings(error.to_string()))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in certificates(ca, "--tls-client-ca", "CA certificate")? {
+                    roots.add(cert).map_err(|error| bad_pem(ca, "--tls-client-ca", "CA certificate", error))?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|error| TlsError::Settings(error.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|error| TlsError::Settings(error.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
     }
+}
+
+fn certificates(path: &Path, flag: &'static str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let text = read_pem(path, flag, what)?;
+    CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| bad_pem(path, flag, what, error))
+}
+
+fn bad_pem(path: &Path, flag: &'static str, what: &'static str, error: impl std::fmt::Display) -> TlsError {
+    TlsError::BadPem { flag, path: path.display().to_string(), what, error: error.to_string() }
 }
 
 fn read_pem(path: &Path, flag: &'static str, what: &'static str) -> Result<Vec<u8>, TlsError> {

@@ -1,0 +1,196 @@
+//! The gRPC port: accepting connections, TLS, and HTTP/2 on hyper.
+//!
+//! Calls to `ShouldRateLimit` go to [`DecideService`]; every other path
+//! (health, reflection, the other methods) to tonic's routes, which answer
+//! an unknown path with UNIMPLEMENTED. Serving hyper directly, without
+//! tonic's server stack, keeps per-call layers off the decision path.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tonic::service::Routes;
+use tower_service::Service as _;
+use tracing::{debug, warn};
+
+use crate::telemetry::Throttle;
+use crate::unary::{DecideService, UnaryBody};
+
+/// The longest a client may take to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keep-alive idle time on accepted connections, so a peer that
+/// vanished without closing is noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The pause after a failed accept (for example out of file descriptors),
+/// so the loop does not spin while the cause lasts.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+type EdgeBody = Either<UnaryBody, tonic::body::Body>;
+
+/// Routes one connection's calls.
+#[derive(Clone)]
+pub struct Edge {
+    decide_path: Arc<str>,
+    decide: Arc<DecideService>,
+    routes: Routes,
+}
+
+impl Edge {
+    /// Sends calls to `decide_path` to `decide`, and the others to `routes`.
+    pub fn new(decide_path: &str, decide: DecideService, routes: Routes) -> Self {
+        Self { decide_path: decide_path.into(), decide: Arc::new(decide), routes }
+    }
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for Edge {
+    type Response = http::Response<EdgeBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        if request.uri().path() == &*self.decide_path {
+            let decide = Arc::clone(&self.decide);
+            Box::pin(async move { Ok(decide.answer(request).await.map(Either::Left)) })
+        } else {
+            let mut routes = self.routes.clone();
+            Box::pin(async move {
+                let response = routes.call(request).await?;
+                Ok(response.map(Either::Right))
+            })
+        }
+    }
+}
+
+/// Serves `edge` on `listener` until `drain` completes, then stops
+/// accepting, asks every connection to finish (GOAWAY) and waits for their
+/// calls in flight.
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, edge: Edge, drain: impl Future<Output = ()>) {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // gRPC has no use for the Date header, which hyper adds by default.
+    builder.timer(TokioTimer::new()).auto_date_header(false);
+    let (stop, stopped) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let accept_errors = Throttle::new();
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        tokio::select! {
+            () = &mut drain => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    configure(&stream, peer);
+                    let served = connection(stream, peer, tls.clone(), builder.clone(), edge.clone(), stopped.clone());
+                    connections.spawn(served);
+                }
+                Err(error) => {
+                    if let Some(suppressed) = accept_errors.allow() {
+                        warn!(%error, suppressed, "Accepting a gRPC connection failed; retrying");
+                    }
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+}
+
+/// Turns Nagle's algorithm off (with it, a small answer waits for the
+/// peer's delayed ACK, about 40 ms on Linux, twice Envoy's default 20 ms
+/// deadline) and keep-alive on.
+fn configure(stream: &TcpStream, peer: SocketAddr) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    let result = stream.set_nodelay(true).and_then(|()| socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive));
+    if let Err(error) = result {
+        debug!(%error, peer.addr = %peer, "Could not set TCP options on a gRPC connection");
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    edge: Edge,
+    stopped: watch::Receiver<bool>,
+) {
+    let Some(acceptor) = tls else {
+        return http2(Unvectored(stream), peer, &builder, edge, stopped).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => http2(Unvectored(stream), peer, &builder, edge, stopped).await,
+        Ok(Err(error)) => debug!(%error, peer.addr = %peer, "TLS handshake failed"),
+        Err(_) => debug!(peer.addr = %peer, timeout = ?TLS_HANDSHAKE_TIMEOUT, "TLS handshake timed out"),
+    }
+}
+
+async fn http2<S>(
+    stream: Unvectored<S>,
+    peer: SocketAddr,
+    builder: &hyper::server::conn::http2::Builder<TokioExecutor>,
+    edge: Edge,
+    mut stopped: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut served = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), edge));
+    let result = tokio::select! {
+        result = served.as_mut() => result,
+        () = async { let _ = stopped.wait_for(|stop| *stop).await; } => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(error) = result {
+        // Clients that reset or drop a connection land here; it is theirs
+        // to report.
+        debug!(%error, peer.addr = %peer, "gRPC connection ended with an error");
+    }
+}
+
+/// A stream that tells h2 it has no vectored writes. h2 then copies a data
+/// frame of up to 1 KiB into its write buffer instead of writing it on its
+/// own, so the answers of many calls leave in one write: an answer is a few
+/// hundred bytes, and with vectored writes each one over 256 bytes costs a
+/// system call.
+struct Unvectored<S>(S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Unvectored<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Unvectored<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,205 @@
+//! `ShouldRateLimit` read from and written to HTTP/2 directly.
+//!
+//! tonic serves any gRPC method through streaming decoders and encoders,
+//! boxed bodies and per-call buffers. The decision path is one unary method
+//! called on every request of every customer, so it is served here on its
+//! own: the request body is read into its single length-prefixed message,
+//! [`RateLimitHandler::decide`] answers it, and the answer goes out as one
+//! data frame and the `grpc-status` trailer. The statuses are tonic's: an
+//! error is a trailers-only response built by [`Status::into_http`].
+//!
+//! The wire format (gRPC over HTTP/2): each message is a 1-byte compressed
+//! flag, a 4-byte big-endian length and the protobuf bytes.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use prost::Message;
+use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
+use tonic::Status;
+
+use crate::codec;
+use crate::rls::RateLimitHandler;
+
+/// The bytes before each message: the compressed flag and the length.
+const PREFIX_BYTES: usize = 5;
+
+const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// Answers `ShouldRateLimit` calls, for the server's route of that
+/// method's path.
+pub struct DecideService {
+    handler: RateLimitHandler,
+    max_message_bytes: usize,
+}
+
+impl DecideService {
+    /// Serves `handler`, rejecting request messages over `max_message_bytes`
+    /// with OUT_OF_RANGE before they are read in full.
+    pub fn new(handler: RateLimitHandler, max_message_bytes: usize) -> Self {
+        Self { handler, max_message_bytes }
+    }
+
+    /// Answers one call.
+    pub async fn answer<B>(&self, request: http::Request<B>) -> http::Response<UnaryBody>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let timeout = request.headers().get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
+        let message = match read_message(request.into_body(), self.max_message_bytes).await {
+            Ok(message) => message,
+            Err(status) => return status.into_http(),
+        };
+        let request = match codec::decode_request(message) {
+            Ok(request) => request,
+            Err(status) => return status.into_http(),
+        };
+        match self.handler.decide(timeout.as_deref(), request).await {
+            Ok(answer) => ok_response(&answer),
+            Err(status) => status.into_http(),
+        }
+    }
+}
+
+/// Reads a unary call's body: exactly one uncompressed message of at most
+/// `max` bytes, which is checked as soon as its length arrives.
+async fn read_message<B>(body: B, max: usize) -> Result<Bytes, Status>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    // Nearly every call arrives in one data frame, which is kept as it is;
+    // only a message split over frames is copied together.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut expected: Option<usize> = None;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|error| Status::cancelled(format!("the request body failed: {error}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if data.is_empty() {
+            continue;
+        }
+        match (&mut first, &mut joined) {
+            (None, None) => first = Some(data),
+            (Some(held), None) => {
+                let mut buffer = BytesMut::with_capacity(held.len() + data.len());
+                buffer.extend_from_slice(held);
+                buffer.extend_from_slice(&data);
+                first = None;
+                joined = Some(buffer);
+            }
+            (_, Some(buffer)) => buffer.extend_from_slice(&data),
+        }
+        let received = first.as_ref().map_or_else(|| joined.as_ref().map_or(0, BytesMut::len), Bytes::len);
+        if expected.is_none() && received >= PREFIX_BYTES {
+            let head = first.as_deref().or(joined.as_deref()).unwrap_or_default();
+            expected = Some(check_prefix(head, max)?);
+        }
+        if let Some(length) = expected {
+            if received > PREFIX_BYTES + length {
+                return Err(Status::invalid_argument(format!(
+                    "ShouldRateLimit takes one message, but the request carried {} more bytes after its {length}-byte message",
+                    received - PREFIX_BYTES - length
+                )));
+            }
+        }
+    }
+    let mut bytes = match (first, joined) {
+        (Some(bytes), _) => bytes,
+        (None, Some(buffer)) => buffer.freeze(),
+        (None, None) => return Err(Status::invalid_argument("the request has no message; send one RateLimitRequest")),
+    };
+    let Some(length) = expected else {
+        return Err(Status::invalid_argument(format!(
+            "the request ended after {} bytes, inside the 5-byte message prefix",
+            bytes.len()
+        )));
+    };
+    if bytes.len() < PREFIX_BYTES + length {
+        return Err(Status::invalid_argument(format!(
+            "the request ended after {} of its message's {length} bytes",
+            bytes.len() - PREFIX_BYTES
+        )));
+    }
+    bytes.advance(PREFIX_BYTES);
+    Ok(bytes)
+}
+
+/// Checks a message prefix and returns the message length.
+fn check_prefix(head: &[u8], max: usize) -> Result<usize, Status> {
+    match head[0] {
+        0 => {}
+        1 => {
+            return Err(Status::unimplemented(
+                "the request message is compressed, and this server takes uncompressed messages only; do not set grpc-encoding",
+            ));
+        }
+        flag => {
+            return Err(Status::invalid_argument(format!(
+                "the message prefix has compressed flag {flag}; gRPC allows 0 or 1"
+            )));
+        }
+    }
+    let length = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if length > max {
+        return Err(Status::out_of_range(format!(
+            "the request message is {length} bytes, over the limit of {max} bytes; \
+             send fewer or shorter descriptors, or raise --max-message-bytes"
+        )));
+    }
+    Ok(length)
+}
+
+/// An answer of one message: HTTP 200, the message, `grpc-status: 0`.
+fn ok_response<M: Message>(message: &M) -> http::Response<UnaryBody> {
+    let length = message.encoded_len();
+    let mut buffer = BytesMut::with_capacity(PREFIX_BYTES + length);
+    buffer.put_u8(0);
+    buffer.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
+    message.encode_raw(&mut buffer);
+    let mut response = http::Response::new(UnaryBody { message: Some(buffer.freeze()), trailers: true });
+    response.headers_mut().insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
+    response
+}
+
+/// The body of a unary answer: the message, then the OK trailer. Empty (the
+/// default) for a trailers-only error answer, whose status is in the headers.
+#[derive(Debug, Default)]
+pub struct UnaryBody {
+    message: Option<Bytes>,
+    trailers: bool,
+}
+
+impl Body for UnaryBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(message) = self.message.take() {
+            return Poll::Ready(Some(Ok(Frame::data(message))));
+        }
+        if std::mem::take(&mut self.trailers) {
+            let mut trailers = HeaderMap::with_capacity(1);
+            trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.message.is_none() && !self.trailers
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.message.as_ref().map_or(0, |message| message.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests;

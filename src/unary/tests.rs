@@ -1,0 +1,103 @@
+use super::*;
+
+fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![flag];
+    bytes.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    bytes.extend_from_slice(message);
+    bytes
+}
+
+/// A request body delivered in the given chunks.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+    }
+}
+
+fn read(chunks: &[&[u8]], max: usize) -> Result<Bytes, Status> {
+    let body = Chunks(chunks.iter().map(|chunk| Bytes::copy_from_slice(chunk)).collect());
+    tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(read_message(body, max))
+}
+
+#[test]
+fn a_message_in_one_frame_is_read_whole() {
+    let bytes = framed(0, b"hello");
+    assert_eq!(read(&[&bytes], 100).expect("message"), Bytes::from_static(b"hello"));
+}
+
+#[test]
+fn a_message_split_anywhere_is_joined() {
+    let bytes = framed(0, b"a message in pieces");
+    for cut in 1..bytes.len() {
+        for second in cut..bytes.len() {
+            let parts = [&bytes[..cut], &bytes[cut..second], &bytes[second..]];
+            assert_eq!(read(&parts, 100).expect("message"), Bytes::from_static(b"a message in pieces"), "{cut} {second}");
+        }
+    }
+}
+
+#[test]
+fn an_empty_message_is_read() {
+    assert_eq!(read(&[&framed(0, b"")], 100).expect("message"), Bytes::new());
+}
+
+#[test]
+fn an_oversize_message_is_out_of_range_from_its_prefix() {
+    // Only the prefix arrives: the length alone decides.
+    let prefix = &framed(0, &[7; 101])[..5];
+    let status = read(&[prefix], 100).expect_err("too large");
+    assert_eq!(status.code(), tonic::Code::OutOfRange);
+    assert!(status.message().contains("101 bytes, over the limit of 100 bytes"), "{}", status.message());
+    assert!(read(&[&framed(0, &[7; 100])], 100).is_ok(), "the limit itself is allowed");
+}
+
+#[test]
+fn a_compressed_message_is_unimplemented() {
+    let status = read(&[&framed(1, b"zz")], 100).expect_err("compressed");
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert_eq!(read(&[&framed(2, b"zz")], 100).expect_err("bad flag").code(), tonic::Code::InvalidArgument);
+}
+
+#[test]
+fn missing_short_and_extra_bytes_are_invalid() {
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("no message", Vec::new()),
+        ("partial prefix", vec![0, 0, 0]),
+        ("short message", framed(0, b"hello")[..7].to_vec()),
+        ("two messages", [framed(0, b"a"), framed(0, b"b")].concat()),
+    ];
+    for (name, bytes) in cases {
+        let status = read(&[&bytes], 100).expect_err(name);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{name}: {status:?}");
+    }
+}
+
+#[test]
+fn an_answer_is_one_framed_message_then_the_ok_trailer() {
+    let answer = crate::proto::envoy::service::ratelimit::v3::RateLimitResponse { overall_code: 2, ..Default::default() };
+    let response = ok_response(&answer);
+    assert_eq!(response.headers()[CONTENT_TYPE], "application/grpc");
+    let mut body = response.into_body();
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) else { panic!("a data frame") };
+    let data = frame.into_data().expect("data");
+    assert_eq!(&data[..], &framed(0, &answer.encode_to_vec())[..]);
+    assert!(!body.is_end_stream());
+    let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) else { panic!("trailers") };
+    assert_eq!(frame.into_trailers().expect("trailers")["grpc-status"], "0");
+    assert!(body.is_end_stream());
+    assert!(matches!(Pin::new(&mut body).poll_frame(&mut cx), Poll::Ready(None)));
+}
+
+#[test]
+fn an_error_answer_is_trailers_only() {
+    let response: http::Response<UnaryBody> = Status::out_of_range("too big").into_http();
+    assert_eq!(response.headers()["grpc-status"], "11");
+    assert!(response.body().is_end_stream());
+}
