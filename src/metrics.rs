@@ -9,6 +9,7 @@
 pub mod http;
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -139,6 +140,9 @@ pub struct Metrics {
     families: Arc<Vec<(String, MetricType)>>,
     calls: Family<CallLabels, Counter>,
     checks: Family<CheckLabels, Counter>,
+    /// The series of `calls` and `checks` by their label texts' addresses.
+    call_handles: Arc<Handles<CallLabels>>,
+    check_handles: Arc<Handles<CheckLabels>>,
     near_limit: Family<RuleLabels, Counter>,
     shadow_denied: Family<RuleLabels, Counter>,
     unmatched: Family<DomainLabels, Counter>,
@@ -166,6 +170,78 @@ pub struct Metrics {
     ready: Gauge,
     /// Shared label texts, so recording a decision allocates none.
     labels: Arc<LabelTexts>,
+}
+
+/// Counters of one family found by the addresses of their label texts.
+///
+/// A family finds a series by hashing and comparing its label texts. On the
+/// decision path those texts are `Arc<str>`s shared from the configuration,
+/// so their addresses name the series as well, and are cheaper to hash.
+/// Each entry keeps its labels, and with them its texts, alive, so an
+/// address it holds is never reused for another text. Two copies of one
+/// text get two entries for the same series. Past [`MAX_HANDLES`] entries
+/// (texts of many reloaded configurations) the cache starts over.
+struct Handles<L> {
+    entries: RwLock<HashMap<[usize; 4], (L, Counter), BuildHasherDefault<AddressHasher>>>,
+}
+
+/// The most entries a [`Handles`] keeps.
+const MAX_HANDLES: usize = 4096;
+
+impl<L> Default for Handles<L> {
+    fn default() -> Self {
+        Self { entries: RwLock::default() }
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static> Handles<L> {
+    /// Adds one to the series that `labels` names in `family`; `identity`
+    /// holds the addresses of the texts in `labels`, and a fixed text's
+    /// address and length.
+    fn inc(&self, identity: [usize; 4], family: &Family<L, Counter>, labels: impl FnOnce() -> L) {
+        if let Some((_, counter)) = self.entries.read().unwrap_or_else(PoisonError::into_inner).get(&identity) {
+            counter.inc();
+            return;
+        }
+        let labels = labels();
+        let counter = family.get_or_create(&labels).clone();
+        counter.inc();
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= MAX_HANDLES {
+            entries.clear();
+        }
+        entries.insert(identity, (labels, counter));
+    }
+}
+
+/// The address of a shared label text.
+fn text_address(text: &Arc<str>) -> usize {
+    Arc::as_ptr(text).cast::<u8>().addr()
+}
+
+/// A hasher for addresses. Addresses come from this process's allocator,
+/// not from callers, so they need no protection from chosen collisions.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.write_u64(value as u64);
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Label texts shared by every series that uses them: each configured
@@ -323,6 +399,8 @@ impl Metrics {
             families: Arc::new(families),
             calls,
             checks,
+            call_handles: Arc::default(),
+            check_handles: Arc::default(),
             near_limit,
             shadow_denied,
             unmatched,
@@ -394,7 +472,8 @@ impl Metrics {
             Outcome::Allowed => "ok",
             Outcome::Denied => "over_limit",
         };
-        self.calls.get_or_create(&CallLabels { domain: domain.clone(), code }).inc();
+        let identity = [text_address(&domain), code.as_ptr().addr(), code.len(), 0];
+        self.call_handles.inc(identity, &self.calls, || CallLabels { domain: domain.clone(), code });
         if let Some(elapsed) = decision.store_elapsed {
             self.store_seconds.get_or_create(&StoreLabels { store, result: "ok" }).observe(elapsed.as_secs_f64());
         }
@@ -427,20 +506,26 @@ impl Metrics {
                 self.unmatched.get_or_create(&DomainLabels { domain: domain.clone() }).inc();
             }
             DescriptorKind::Check => {
-                let labels = rule();
                 let code = match status.outcome {
                     Outcome::Allowed => "ok",
                     Outcome::Denied => "over_limit",
                 };
-                let check = CheckLabels { domain: labels.domain.clone(), rule: labels.rule.clone(), tier: labels.tier.clone(), code };
-                self.checks.get_or_create(&check).inc();
+                let rule_text = facts.rule.as_ref().unwrap_or(&self.labels.override_rule);
+                let tier_text = facts.tier.as_ref().unwrap_or(&self.labels.no_tier);
+                let identity = [text_address(domain), text_address(rule_text), text_address(tier_text), code.as_ptr().addr()];
+                self.check_handles.inc(identity, &self.checks, || CheckLabels {
+                    domain: domain.clone(),
+                    rule: rule_text.clone(),
+                    tier: tier_text.clone(),
+                    code,
+                });
                 if status.shadow_denied {
-                    self.shadow_denied.get_or_create(&labels).inc();
+                    self.shadow_denied.get_or_create(&rule()).inc();
                 }
                 let capacity = status.limit.as_ref().map_or(0, |limit| limit.params.capacity);
                 let near = (status.remaining as f64) < capacity as f64 * NEAR_LIMIT_SHARE;
                 if status.outcome == Outcome::Allowed && !status.shadow_denied && near {
-                    self.near_limit.get_or_create(&labels).inc();
+                    self.near_limit.get_or_create(&rule()).inc();
                 }
             }
             DescriptorKind::Report => {
@@ -576,6 +661,39 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_count_into_the_family() {
+        let family = Family::<CallLabels, Counter>::default();
+        let handles = Handles::default();
+        let shared: Arc<str> = Arc::from("fikra");
+        let call = |domain: &Arc<str>, code: &'static str| {
+            let identity = [text_address(domain), code.as_ptr().addr(), code.len(), 0];
+            handles.inc(identity, &family, || CallLabels { domain: domain.clone(), code });
+        };
+        for _ in 0..3 {
+            call(&shared, "ok");
+        }
+        call(&shared, "over_limit");
+        // Another copy of the same text counts into the same series.
+        call(&Arc::from("fikra"), "ok");
+        let count = |code| family.get_or_create(&CallLabels { domain: shared.clone(), code }).get();
+        assert_eq!(count("ok"), 4);
+        assert_eq!(count("over_limit"), 1);
+    }
+
+    #[test]
+    fn handles_start_over_past_the_bound() {
+        let family = Family::<CallLabels, Counter>::default();
+        let handles = Handles::default();
+        for index in 0..MAX_HANDLES + 10 {
+            let domain: Arc<str> = Arc::from(format!("d{}", index % 7));
+            handles.inc([text_address(&domain), index, 0, 0], &family, || CallLabels { domain: domain.clone(), code: "ok" });
+            assert!(handles.entries.read().expect("lock").len() <= MAX_HANDLES);
+        }
+        let total: u64 = (0..7).map(|d| family.get_or_create(&CallLabels { domain: Arc::from(format!("d{d}")), code: "ok" }).get()).sum();
+        assert_eq!(total, (MAX_HANDLES + 10) as u64);
+    }
 
     #[test]
     fn label_texts_share_and_stay_bounded() {
