@@ -178,14 +178,14 @@ pub struct Metrics {
 /// decision path those texts are `Arc<str>`s shared from the configuration,
 /// so their addresses name the series as well, and are cheaper to hash.
 /// Each entry keeps its labels, and with them its texts, alive, so an
-/// address it holds is never reused for another text. Two copies of one
+/// address in the cache is never reused for another text. Two copies of one
 /// text get two entries for the same series. Past [`MAX_HANDLES`] entries
 /// (texts of many reloaded configurations) the cache starts over.
 struct Handles<L> {
     entries: RwLock<HashMap<[usize; 4], (L, Counter), BuildHasherDefault<AddressHasher>>>,
 }
 
-/// The most entries a [`Handles`] keeps.
+/// The maximum number of entries in a [`Handles`].
 const MAX_HANDLES: usize = 4096;
 
 impl<L> Default for Handles<L> {
@@ -196,7 +196,7 @@ impl<L> Default for Handles<L> {
 
 impl<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static> Handles<L> {
     /// Adds one to the series that `labels` names in `family`; `identity`
-    /// holds the addresses of the texts in `labels`, and a fixed text's
+    /// contains the addresses of the texts in `labels`, and a fixed text's
     /// address and length.
     fn inc(&self, identity: [usize; 4], family: &Family<L, Counter>, labels: impl FnOnce() -> L) {
         if let Some((_, counter)) = self.entries.read().unwrap_or_else(PoisonError::into_inner).get(&identity) {
@@ -214,7 +214,7 @@ impl<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send +
     }
 }
 
-/// The address of a shared label text.
+/// Returns the address of a shared label text.
 fn text_address(text: &Arc<str>) -> usize {
     Arc::as_ptr(text).cast::<u8>().addr()
 }
