@@ -19,6 +19,8 @@ use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitRes
 use crate::store::FailureMode;
 use crate::telemetry::Throttle;
 
+pub mod wire;
+
 /// Most of a caller's deadline kept back from the store call, for decoding,
 /// scheduling, the answer and the network.
 const DEADLINE_RESERVE_MAX: Duration = Duration::from_millis(50);
@@ -42,14 +44,15 @@ impl RateLimitHandler {
 impl RateLimitService for RateLimitHandler {
     async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
         let timeout = request.metadata().get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
-        self.decide(timeout.as_deref(), request.into_inner()).await.map(Response::new)
+        let reply = self.decide(timeout.as_deref(), request.into_inner()).await?;
+        Ok(Response::new(reply.into_message()))
     }
 }
 
 impl RateLimitHandler {
     /// Decides one call. `grpc_timeout` is the caller's `grpc-timeout`
     /// header, which bounds the store call.
-    pub async fn decide(&self, grpc_timeout: Option<&str>, request: RateLimitRequest) -> Result<RateLimitResponse, Status> {
+    pub async fn decide(&self, grpc_timeout: Option<&str>, request: RateLimitRequest) -> Result<Reply, Status> {
         let _in_flight = self.metrics.in_flight();
         let started = Instant::now();
         let budget = grpc_timeout.and_then(store_budget);
@@ -69,7 +72,7 @@ impl RateLimitHandler {
                     rls.rules = %rule_labels(&decision),
                     "Decided"
                 );
-                Ok(respond(&decision))
+                Ok(Reply::Decided(decision))
             }
             Err(LimiterError::Store(store))
                 if store.is_transient() && self.limiter.settings().failure_mode == FailureMode::Allow =>
@@ -79,12 +82,30 @@ impl RateLimitHandler {
                 if let Some(suppressed) = self.store_error_log.allow() {
                     warn!(rls.domain = %request.domain, error = %store, suppressed, "Store unavailable; allowing the call (fail-open)");
                 }
-                Ok(fail_open(request.descriptors.len()))
+                Ok(Reply::FailOpen(request.descriptors.len()))
             }
             Err(error) => {
                 self.count_error(&error, &request.domain, started);
                 Err(self.rescue(error, &request.domain))
             }
+        }
+    }
+}
+
+/// The answer to a call, before it is written.
+pub enum Reply {
+    /// The limiter decided the call.
+    Decided(Decision),
+    /// The store failed under fail-open: this many descriptors, all allowed.
+    FailOpen(usize),
+}
+
+impl Reply {
+    /// Builds the protocol message.
+    pub fn into_message(self) -> RateLimitResponse {
+        match self {
+            Reply::Decided(decision) => respond(&decision),
+            Reply::FailOpen(descriptors) => fail_open(descriptors),
         }
     }
 }

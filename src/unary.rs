@@ -21,8 +21,9 @@ use prost::Message;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use tonic::Status;
 
+use crate::answer;
 use crate::codec;
-use crate::rls::RateLimitHandler;
+use crate::rls::{RateLimitHandler, Reply, wire};
 
 /// The bytes before each message: the compressed flag and the length.
 const PREFIX_BYTES: usize = 5;
@@ -60,7 +61,14 @@ impl DecideService {
             Err(status) => return status.into_http(),
         };
         match self.handler.decide(timeout.as_deref(), request).await {
-            Ok(answer) => ok_response(&answer),
+            Ok(Reply::Decided(decision)) if decision.shadow_denials() == 0 => {
+                let answer = answer::build(&decision);
+                ok_response(wire::encoded_len(&decision, &answer), |buffer| wire::encode(&decision, &answer, buffer))
+            }
+            Ok(reply) => {
+                let message = reply.into_message();
+                ok_response(message.encoded_len(), |buffer| message.encode_raw(buffer))
+            }
             Err(status) => status.into_http(),
         }
     }
@@ -156,13 +164,14 @@ fn check_prefix(head: &[u8], max: usize) -> Result<usize, Status> {
     Ok(length)
 }
 
-/// An answer of one message: HTTP 200, the message, `grpc-status: 0`.
-fn ok_response<M: Message>(message: &M) -> http::Response<UnaryBody> {
-    let length = message.encoded_len();
+/// Builds an answer of one message: HTTP 200, the message of `length`
+/// bytes that `write` writes, then `grpc-status: 0`.
+fn ok_response(length: usize, write: impl FnOnce(&mut BytesMut)) -> http::Response<UnaryBody> {
     let mut buffer = BytesMut::with_capacity(PREFIX_BYTES + length);
     buffer.put_u8(0);
     buffer.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
-    message.encode_raw(&mut buffer);
+    write(&mut buffer);
+    debug_assert_eq!(buffer.len(), PREFIX_BYTES + length, "the message length was computed wrong");
     let mut response = http::Response::new(UnaryBody { message: Some(buffer.freeze()), trailers: true });
     response.headers_mut().insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
     response

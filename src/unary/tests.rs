@@ -80,7 +80,7 @@ fn missing_short_and_extra_bytes_are_invalid() {
 #[test]
 fn an_answer_is_one_framed_message_then_the_ok_trailer() {
     let answer = crate::proto::envoy::service::ratelimit::v3::RateLimitResponse { overall_code: 2, ..Default::default() };
-    let response = ok_response(&answer);
+    let response = ok_response(answer.encoded_len(), |buffer| answer.encode_raw(buffer));
     assert_eq!(response.headers()[CONTENT_TYPE], "application/grpc");
     let mut body = response.into_body();
     let waker = std::task::Waker::noop();
