@@ -121,7 +121,7 @@ fn store_budget(grpc_timeout: &str) -> Option<Duration> {
 
 /// Parses a `grpc-timeout` value: at most 8 digits and a unit, `H`, `M`,
 /// `S`, `m`, `u` or `n` (gRPC over HTTP/2).
-fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+pub fn parse_grpc_timeout(text: &str) -> Option<Duration> {
     let digits = text.get(..text.len().checked_sub(1)?)?;
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
         return None;

@@ -33,8 +33,10 @@ pub enum TlsError {
     NotPem { flag: &'static str, path: String, what: &'static str },
     #[error("{flag} file {path} is not a valid PEM-encoded {what}: {error}")]
     BadPem { flag: &'static str, path: String, what: &'static str, error: String },
-    #[error("TLS settings rejected: {0}; check that --tls-key is the key of --tls-cert's first certificate")]
+    #[error("TLS settings rejected: {0}")]
     Settings(String),
+    #[error("--tls-cert and --tls-key do not make a usable identity: {0}; check that --tls-key is the key of --tls-cert's first certificate")]
+    KeyMismatch(String),
 }
 
 impl TlsFiles {
@@ -43,7 +45,8 @@ impl TlsFiles {
     pub fn server_config(&self) -> Result<TlsAcceptor, TlsError> {
         let certs = certificates(&self.cert, "--tls-cert", "certificate chain")?;
         let key = read_pem(&self.key, "--tls-key", "private key")?;
-        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|error| bad_pem(&self.key, "--tls-key", "private key", error))?;
+        let key = PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|error| bad_pem(&self.key, "--tls-key", "unencrypted private key (PKCS#8, PKCS#1 or SEC1)", error))?;
         // ring, as for the Redis connections: it builds without cmake. It
         // has no post-quantum key exchange, which rustls now marks.
         #[allow(deprecated)]
@@ -60,11 +63,11 @@ impl TlsFiles {
                 }
                 let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
-                    .map_err(|error| TlsError::Settings(error.to_string()))?;
+                    .map_err(|error| bad_pem(ca, "--tls-client-ca", "CA certificate", error))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let mut config = builder.with_single_cert(certs, key).map_err(|error| TlsError::Settings(error.to_string()))?;
+        let mut config = builder.with_single_cert(certs, key).map_err(|error| TlsError::KeyMismatch(error.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
@@ -72,9 +75,13 @@ impl TlsFiles {
 
 fn certificates(path: &Path, flag: &'static str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let text = read_pem(path, flag, what)?;
-    CertificateDer::pem_slice_iter(&text)
+    let certs = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| bad_pem(path, flag, what, error))
+        .map_err(|error| bad_pem(path, flag, what, error))?;
+    if certs.is_empty() {
+        return Err(bad_pem(path, flag, what, "it holds no CERTIFICATE block (is it a key?)"));
+    }
+    Ok(certs)
 }
 
 fn bad_pem(path: &Path, flag: &'static str, what: &'static str, error: impl std::fmt::Display) -> TlsError {

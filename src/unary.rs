@@ -14,6 +14,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
@@ -23,13 +24,21 @@ use tonic::Status;
 
 use crate::answer;
 use crate::codec;
-use crate::rls::{RateLimitHandler, Reply, wire};
+use crate::rls::{self, RateLimitHandler, Reply, wire};
 
 /// The bytes before each message: the compressed flag and the length.
 const PREFIX_BYTES: usize = 5;
 
 const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+
+/// The longest wait for a request's message, and the limit on a shorter
+/// `grpc-timeout`.
+const BODY_READ_LIMIT: Duration = Duration::from_secs(10);
+
+const COMPRESSED: &str = "the request message is compressed, and this server takes uncompressed messages only; turn compression off in the client";
 
 /// Answers `ShouldRateLimit` calls, for the server's route of that
 /// method's path.
@@ -51,10 +60,26 @@ impl DecideService {
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let timeout = request.headers().get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
-        let message = match read_message(request.into_body(), self.max_message_bytes).await {
-            Ok(message) => message,
-            Err(status) => return status.into_http(),
+        let headers = request.headers();
+        if let Some(encoding) = headers.get(GRPC_ENCODING).filter(|encoding| *encoding != "identity") {
+            let encoding = String::from_utf8_lossy(encoding.as_bytes());
+            return uncompressed_only(&format!("the request's grpc-encoding is {encoding:?}"));
+        }
+        let timeout = headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
+        // The body of a check is a few hundred bytes: a client that stops
+        // sending it must not hold the stream and its buffer.
+        let read_limit = timeout.as_deref().and_then(rls::parse_grpc_timeout).map_or(BODY_READ_LIMIT, |t| t.min(BODY_READ_LIMIT));
+        let read = tokio::time::timeout(read_limit, read_message(request.into_body(), self.max_message_bytes));
+        let message = match read.await {
+            Ok(Ok(message)) => message,
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                return uncompressed_only("the request message has the compressed flag set");
+            }
+            Ok(Err(status)) => return status.into_http(),
+            Err(_) => {
+                let message = format!("the request message did not arrive within {read_limit:?}");
+                return Status::deadline_exceeded(message).into_http();
+            }
         };
         let request = match codec::decode_request(message) {
             Ok(request) => request,
@@ -139,15 +164,19 @@ where
     Ok(bytes)
 }
 
+/// Builds the UNIMPLEMENTED answer to a compressed request, naming the one
+/// encoding taken (`grpc-accept-encoding`), as gRPC asks.
+fn uncompressed_only(what: &str) -> http::Response<UnaryBody> {
+    let mut response: http::Response<UnaryBody> = Status::unimplemented(format!("{what}; {COMPRESSED}")).into_http();
+    response.headers_mut().insert(GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    response
+}
+
 /// Checks a message prefix and returns the message length.
 fn check_prefix(head: &[u8], max: usize) -> Result<usize, Status> {
     match head[0] {
         0 => {}
-        1 => {
-            return Err(Status::unimplemented(
-                "the request message is compressed, and this server takes uncompressed messages only; do not set grpc-encoding",
-            ));
-        }
+        1 => return Err(Status::unimplemented(COMPRESSED)),
         flag => {
             return Err(Status::invalid_argument(format!(
                 "the message prefix has compressed flag {flag}; gRPC allows 0 or 1"

@@ -29,6 +29,11 @@ use tracing::{debug, warn};
 use crate::telemetry::Throttle;
 use crate::unary::{DecideService, UnaryBody};
 
+/// The most calls in flight on one connection; a stream past it is refused
+/// (REFUSED_STREAM). Envoy multiplexes a cluster's calls over few
+/// connections, so this is far above hyper's default of 200.
+const MAX_STREAMS: u32 = 4096;
+
 /// The longest a client may take to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,7 +87,7 @@ impl hyper::service::Service<http::Request<Incoming>> for Edge {
 pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, edge: Edge, drain: impl Future<Output = ()>) {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // gRPC has no use for the Date header, which hyper adds by default.
-    builder.timer(TokioTimer::new()).auto_date_header(false);
+    builder.timer(TokioTimer::new()).auto_date_header(false).max_concurrent_streams(MAX_STREAMS);
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     let accept_errors = Throttle::new();
@@ -160,8 +165,20 @@ async fn http2<S>(
     if let Err(error) = result {
         // Clients that reset or drop a connection land here; it is theirs
         // to report.
-        debug!(%error, peer.addr = %peer, "gRPC connection ended with an error");
+        debug!(error = %chain(&error), peer.addr = %peer, "gRPC connection ended with an error");
     }
+}
+
+/// Returns an error with its causes, which hyper's own text leaves out.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A stream that tells h2 it has no vectored writes. h2 then copies a data

@@ -101,3 +101,84 @@ fn an_error_answer_is_trailers_only() {
     assert_eq!(response.headers()["grpc-status"], "11");
     assert!(response.body().is_end_stream());
 }
+
+/// A service over a one-rule configuration on the in-memory store.
+fn service() -> DecideService {
+    let yaml = "domain: t\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: minute\n      requests_per_unit: 5\n";
+    let domain = crate::config::parse(yaml, "t.yaml").expect("valid config");
+    let limits = crate::config::Limits { domains: [(domain.name.clone(), std::sync::Arc::new(domain))].into_iter().collect() };
+    let store = crate::store::Store::Memory(crate::store::MemoryStore::new(crate::clock::Clock::manual(1_000_000)));
+    let limiter = crate::limiter::Limiter::new(limits, store, crate::limiter::LimiterSettings::default());
+    DecideService::new(RateLimitHandler::new(limiter, crate::metrics::Metrics::new()), 1024)
+}
+
+fn check_bytes() -> Vec<u8> {
+    use crate::proto::envoy::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry};
+    let descriptor = RateLimitDescriptor {
+        entries: vec![Entry { key: "k".into(), value: "v".into() }],
+        ..Default::default()
+    };
+    let request = crate::proto::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: "t".into(),
+        descriptors: vec![descriptor],
+        hits_addend: 0,
+    };
+    framed(0, &request.encode_to_vec())
+}
+
+/// A request body that never sends anything.
+struct Stalled;
+
+impl Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn a_whole_call_is_answered() {
+    let body = Chunks([Bytes::from(check_bytes())].into_iter().collect());
+    let response = service().answer(http::Request::new(body)).await;
+    assert!(response.headers().get("grpc-status").is_none(), "{:?}", response.headers());
+    let mut body = response.into_body();
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) else { panic!("a data frame") };
+    let data = frame.into_data().expect("data");
+    let answer = crate::proto::envoy::service::ratelimit::v3::RateLimitResponse::decode(&data[5..]).expect("a response");
+    assert_eq!(answer.overall_code, 1, "OK");
+    assert_eq!(answer.statuses[0].limit_remaining, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_body_ends_at_the_deadline() {
+    let mut request = http::Request::new(Stalled);
+    request.headers_mut().insert("grpc-timeout", HeaderValue::from_static("50m"));
+    let response = service().answer(request).await;
+    assert_eq!(response.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+
+    let started = tokio::time::Instant::now();
+    let response = service().answer(http::Request::new(Stalled)).await;
+    assert_eq!(response.headers()["grpc-status"], "4");
+    assert_eq!(started.elapsed(), BODY_READ_LIMIT, "without a deadline the read limit applies");
+}
+
+#[tokio::test]
+async fn compressed_requests_name_the_accepted_encoding() {
+    let mut request = http::Request::new(Chunks([Bytes::from(check_bytes())].into_iter().collect()));
+    request.headers_mut().insert("grpc-encoding", HeaderValue::from_static("gzip"));
+    let response = service().answer(request).await;
+    assert_eq!(response.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+    assert_eq!(response.headers()["grpc-accept-encoding"], "identity");
+
+    let flagged = Chunks([Bytes::from(framed(1, b"zz"))].into_iter().collect());
+    let response = service().answer(http::Request::new(flagged)).await;
+    assert_eq!(response.headers()["grpc-status"], "12");
+    assert_eq!(response.headers()["grpc-accept-encoding"], "identity");
+
+    let mut identity = http::Request::new(Chunks([Bytes::from(check_bytes())].into_iter().collect()));
+    identity.headers_mut().insert("grpc-encoding", HeaderValue::from_static("identity"));
+    assert!(service().answer(identity).await.headers().get("grpc-status").is_none(), "identity is no compression");
+}
