@@ -34,7 +34,7 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
 
-/// The longest wait for a request's message, and the limit on a shorter
+/// The maximum wait for a request's message, and the limit on a longer
 /// `grpc-timeout`.
 const BODY_READ_LIMIT: Duration = Duration::from_secs(10);
 

@@ -29,12 +29,12 @@ use tracing::{debug, warn};
 use crate::telemetry::Throttle;
 use crate::unary::{DecideService, UnaryBody};
 
-/// The most calls in flight on one connection; a stream past it is refused
-/// (REFUSED_STREAM). Envoy multiplexes a cluster's calls over few
+/// The maximum number of calls in flight on one connection; a stream past
+/// it is refused (REFUSED_STREAM). Envoy multiplexes a cluster's calls over few
 /// connections, so this is far above hyper's default of 200.
 const MAX_STREAMS: u32 = 4096;
 
-/// The longest a client may take to finish its TLS handshake.
+/// The maximum time a client may take to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TCP keep-alive idle time on accepted connections, so a peer that
