@@ -12,6 +12,7 @@
 //! flag, a 4-byte big-endian length and the protobuf bytes.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,10 +68,17 @@ impl DecideService {
         }
         let timeout = headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
         // The body of a check is a few hundred bytes: a client that stops
-        // sending it must not hold the stream and its buffer.
+        // sending it must not hold the stream and its buffer. Nearly every
+        // body has arrived with its headers, so the timer is only set when
+        // the first read has to wait.
         let read_limit = timeout.as_deref().and_then(rls::parse_grpc_timeout).map_or(BODY_READ_LIMIT, |t| t.min(BODY_READ_LIMIT));
-        let read = tokio::time::timeout(read_limit, read_message(request.into_body(), self.max_message_bytes));
-        let message = match read.await {
+        let mut read = std::pin::pin!(read_message(request.into_body(), self.max_message_bytes));
+        let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        let read = match first {
+            Poll::Ready(read) => Ok(read),
+            Poll::Pending => tokio::time::timeout(read_limit, read).await,
+        };
+        let message = match read {
             Ok(Ok(message)) => message,
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
                 return uncompressed_only("the request message has the compressed flag set");

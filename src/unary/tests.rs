@@ -182,3 +182,30 @@ async fn compressed_requests_name_the_accepted_encoding() {
     identity.headers_mut().insert("grpc-encoding", HeaderValue::from_static("identity"));
     assert!(service().answer(identity).await.headers().get("grpc-status").is_none(), "identity is no compression");
 }
+
+/// A request body whose message arrives after one wait.
+struct Late {
+    waited: bool,
+    message: Option<Bytes>,
+}
+
+impl Body for Late {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !std::mem::replace(&mut self.waited, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.message.take().map(|message| Ok(Frame::data(message))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_body_is_read_within_the_deadline() {
+    let mut request = http::Request::new(Late { waited: false, message: Some(Bytes::from(check_bytes())) });
+    request.headers_mut().insert("grpc-timeout", HeaderValue::from_static("50m"));
+    let response = service().answer(request).await;
+    assert!(response.headers().get("grpc-status").is_none(), "{:?}", response.headers());
+}
