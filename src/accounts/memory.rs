@@ -62,9 +62,10 @@ impl MemoryAccounts {
     /// while the batch is judged, so no change lands between the two.
     pub fn apply_guarded(&self, store: &MemoryStore, batch: &Batch, guards: &[RecordGuard]) -> Guarded {
         let inner = self.lock();
-        let actual: Vec<Option<String>> = guards.iter().map(|guard| inner.values.get(&guard.key).cloned()).collect();
-        if actual.iter().zip(guards).any(|(actual, guard)| *actual != guard.expected) {
-            return Guarded::Stale(actual);
+        // Records are compared in place; they are copied only for a stale
+        // guard, which is rare.
+        if guards.iter().any(|guard| inner.values.get(&guard.key) != guard.expected.as_ref()) {
+            return Guarded::Stale(guards.iter().map(|guard| inner.values.get(&guard.key).cloned()).collect());
         }
         let outcome = store.apply(batch);
         drop(inner);
