@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use prost::Message;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use tonic::Status;
@@ -242,9 +242,9 @@ impl Body for UnaryBody {
         self.message.is_none() && !self.trailers
     }
 
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.message.as_ref().map_or(0, |message| message.len() as u64))
-    }
+    // No exact `size_hint`: hyper would send it as `content-length`, which
+    // gRPC does not use and which, differing between answers, costs a
+    // literal header to encode on every call.
 }
 
 #[cfg(test)]
