@@ -43,19 +43,19 @@ impl RateLimitHandler {
 #[tonic::async_trait]
 impl RateLimitService for RateLimitHandler {
     async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
-        let timeout = request.metadata().get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
-        let reply = self.decide(timeout.as_deref(), request.into_inner()).await?;
+        let timeout = request.metadata().get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
+        let reply = self.decide(timeout, request.into_inner()).await?;
         Ok(Response::new(reply.into_message()))
     }
 }
 
 impl RateLimitHandler {
-    /// Decides one call. `grpc_timeout` is the caller's `grpc-timeout`
-    /// header, which bounds the store call.
-    pub async fn decide(&self, grpc_timeout: Option<&str>, request: RateLimitRequest) -> Result<Reply, Status> {
+    /// Decides one call. `timeout` is what is left of the caller's
+    /// `grpc-timeout`, which bounds the store call.
+    pub async fn decide(&self, timeout: Option<Duration>, request: RateLimitRequest) -> Result<Reply, Status> {
         let _in_flight = self.metrics.in_flight();
         let started = Instant::now();
-        let budget = grpc_timeout.and_then(store_budget);
+        let budget = timeout.map(store_budget);
         let request = translate(request);
         match self.limiter.decide_within(&request, budget).await {
             Ok(decision) => {
@@ -110,17 +110,15 @@ impl Reply {
     }
 }
 
-/// Returns the store's share of the deadline the caller sent in
-/// `grpc-timeout`, given that header's value: the timeout less a quarter
-/// of it (at most 50 ms), so the answer leaves before the caller gives up.
-/// Envoy's 20 ms leave the store 15 ms. `None` for an invalid value.
-fn store_budget(grpc_timeout: &str) -> Option<Duration> {
-    let timeout = parse_grpc_timeout(grpc_timeout)?;
-    Some(timeout - (timeout / 4).min(DEADLINE_RESERVE_MAX))
+/// Returns the store's share of the caller's deadline: the time left less
+/// a quarter of it (at most 50 ms), so the answer leaves before the caller
+/// gives up. Envoy's 20 ms leave the store 15 ms.
+fn store_budget(timeout: Duration) -> Duration {
+    timeout - (timeout / 4).min(DEADLINE_RESERVE_MAX)
 }
 
 /// Parses a `grpc-timeout` value: at most 8 digits and a unit, `H`, `M`,
-/// `S`, `m`, `u` or `n` (gRPC over HTTP/2).
+/// `S`, `m`, `u` or `n` (gRPC over HTTP/2). `None` for an invalid value.
 pub fn parse_grpc_timeout(text: &str) -> Option<Duration> {
     let digits = text.get(..text.len().checked_sub(1)?)?;
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
@@ -338,11 +336,9 @@ mod tests {
 
     #[test]
     fn store_budget_keeps_a_reserve() {
-        let budget = store_budget;
-        assert_eq!(budget("20m"), Some(Duration::from_millis(15)), "a quarter of 20 ms");
-        assert_eq!(budget("100m"), Some(Duration::from_millis(75)), "a quarter of 100 ms");
-        assert_eq!(budget("1S"), Some(Duration::from_millis(950)), "at most 50 ms");
-        assert_eq!(store_budget("soon"), None);
+        assert_eq!(store_budget(Duration::from_millis(20)), Duration::from_millis(15), "a quarter of 20 ms");
+        assert_eq!(store_budget(Duration::from_millis(100)), Duration::from_millis(75), "a quarter of 100 ms");
+        assert_eq!(store_budget(Duration::from_secs(1)), Duration::from_millis(950), "at most 50 ms");
     }
 
     #[test]

@@ -45,8 +45,17 @@ impl TlsFiles {
     pub fn server_config(&self) -> Result<TlsAcceptor, TlsError> {
         let certs = certificates(&self.cert, "--tls-cert", "certificate chain")?;
         let key = read_pem(&self.key, "--tls-key", "private key")?;
-        let key = PrivateKeyDer::from_pem_slice(&key)
-            .map_err(|error| bad_pem(&self.key, "--tls-key", "unencrypted private key (PKCS#8, PKCS#1 or SEC1)", error))?;
+        let what = "unencrypted private key (PKCS#8, PKCS#1 or SEC1)";
+        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|error| {
+            let text = String::from_utf8_lossy(&key);
+            if text.contains("ENCRYPTED") {
+                bad_pem(&self.key, "--tls-key", what, "the key is encrypted; decrypt it, for example with `openssl pkey -in KEY -out PLAIN`")
+            } else if text.contains("-----BEGIN CERTIFICATE-----") {
+                bad_pem(&self.key, "--tls-key", what, "it holds a certificate, not a key (are --tls-cert and --tls-key swapped?)")
+            } else {
+                bad_pem(&self.key, "--tls-key", what, error)
+            }
+        })?;
         // ring, as for the Redis connections: it builds without cmake. It
         // has no post-quantum key exchange, which rustls now marks.
         #[allow(deprecated)]

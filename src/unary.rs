@@ -15,7 +15,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame};
@@ -39,20 +41,22 @@ const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-en
 /// `grpc-timeout`.
 const BODY_READ_LIMIT: Duration = Duration::from_secs(10);
 
-const COMPRESSED: &str = "the request message is compressed, and this server takes uncompressed messages only; turn compression off in the client";
+const COMPRESSED: &str = "this server takes uncompressed messages only; turn compression off in the client";
 
 /// Answers `ShouldRateLimit` calls, for the server's route of that
 /// method's path.
 pub struct DecideService {
     handler: RateLimitHandler,
     max_message_bytes: usize,
+    buffered: Buffered,
 }
 
 impl DecideService {
     /// Serves `handler`, rejecting request messages over `max_message_bytes`
     /// with OUT_OF_RANGE before they are read in full.
     pub fn new(handler: RateLimitHandler, max_message_bytes: usize) -> Self {
-        Self { handler, max_message_bytes }
+        let budget = BUFFERED_MIN_BYTES.max(max_message_bytes.saturating_mul(4));
+        Self { handler, max_message_bytes, buffered: Buffered::new(budget) }
     }
 
     /// Answers one call.
@@ -66,17 +70,23 @@ impl DecideService {
             let encoding = String::from_utf8_lossy(encoding.as_bytes());
             return uncompressed_only(&format!("the request's grpc-encoding is {encoding:?}"));
         }
-        let timeout = headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).map(str::to_owned);
+        let mut timeout = headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(rls::parse_grpc_timeout);
         // The body of a check is a few hundred bytes: a client that stops
         // sending it must not hold the stream and its buffer. Nearly every
         // body has arrived with its headers, so the timer is only set when
-        // the first read has to wait.
-        let read_limit = timeout.as_deref().and_then(rls::parse_grpc_timeout).map_or(BODY_READ_LIMIT, |t| t.min(BODY_READ_LIMIT));
-        let mut read = std::pin::pin!(read_message(request.into_body(), self.max_message_bytes));
+        // the first read has to wait, and then the wait counts against the
+        // caller's deadline.
+        let read_limit = timeout.map_or(BODY_READ_LIMIT, |timeout| timeout.min(BODY_READ_LIMIT));
+        let mut read = std::pin::pin!(read_message(request.into_body(), self.max_message_bytes, &self.buffered));
         let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
         let read = match first {
             Poll::Ready(read) => Ok(read),
-            Poll::Pending => tokio::time::timeout(read_limit, read).await,
+            Poll::Pending => {
+                let started = Instant::now();
+                let read = tokio::time::timeout(read_limit, read).await;
+                timeout = timeout.map(|timeout| timeout.saturating_sub(started.elapsed()));
+                read
+            }
         };
         let message = match read {
             Ok(Ok(message)) => message,
@@ -93,7 +103,7 @@ impl DecideService {
             Ok(request) => request,
             Err(status) => return status.into_http(),
         };
-        match self.handler.decide(timeout.as_deref(), request).await {
+        match self.handler.decide(timeout, request).await {
             Ok(Reply::Decided(decision)) if decision.shadow_denials() == 0 => {
                 let answer = answer::build(&decision);
                 ok_response(wire::encoded_len(&decision, &answer), |buffer| wire::encode(&decision, &answer, buffer))
@@ -109,7 +119,7 @@ impl DecideService {
 
 /// Reads a unary call's body: exactly one uncompressed message of at most
 /// `max` bytes, which is checked as soon as its length arrives.
-async fn read_message<B>(body: B, max: usize) -> Result<Bytes, Status>
+async fn read_message<B>(body: B, max: usize, buffered: &Buffered) -> Result<Bytes, Status>
 where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
@@ -120,12 +130,14 @@ where
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut expected: Option<usize> = None;
+    let mut held = Held { buffered, bytes: 0 };
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         let frame = frame.map_err(|error| Status::cancelled(format!("the request body failed: {error}")))?;
         let Ok(data) = frame.into_data() else { continue };
         if data.is_empty() {
             continue;
         }
+        held.add(data.len())?;
         match (&mut first, &mut joined) {
             (None, None) => first = Some(data),
             (Some(held), None) => {
@@ -178,6 +190,54 @@ fn uncompressed_only(what: &str) -> http::Response<UnaryBody> {
     let mut response: http::Response<UnaryBody> = Status::unimplemented(format!("{what}; {COMPRESSED}")).into_http();
     response.headers_mut().insert(GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     response
+}
+
+/// The smallest budget for request bytes held while their messages arrive.
+const BUFFERED_MIN_BYTES: usize = 64 << 20;
+
+/// The bytes of request bodies held by all calls still reading them, and
+/// their budget. Each call may send up to the message bound, and a
+/// connection carries thousands of calls, so without a budget slow clients
+/// could make the service hold gigabytes.
+#[derive(Clone)]
+struct Buffered {
+    bytes: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+impl Buffered {
+    fn new(budget: usize) -> Self {
+        Self { bytes: Arc::default(), budget }
+    }
+}
+
+/// One call's share of [`Buffered`], given back when the read ends.
+struct Held<'a> {
+    buffered: &'a Buffered,
+    bytes: usize,
+}
+
+impl Held<'_> {
+    /// Counts `bytes` more, or fails with RESOURCE_EXHAUSTED when the
+    /// budget is spent.
+    fn add(&mut self, bytes: usize) -> Result<(), Status> {
+        let before = self.buffered.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.bytes += bytes;
+        if before + bytes > self.buffered.budget {
+            return Err(Status::resource_exhausted(format!(
+                "the server already holds {before} bytes of requests still arriving, and its budget is {} bytes; \
+                 send each request whole, or retry later",
+                self.buffered.budget
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.buffered.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Checks a message prefix and returns the message length.

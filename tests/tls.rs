@@ -163,6 +163,54 @@ async fn tls_refuses_clients_without_the_right_certificate() {
 }
 
 #[tokio::test]
+async fn shutdown_drops_unfinished_tls_handshakes() {
+    let pki = Pki::new();
+    let mut service = start_tls_service(&pki).await;
+    // A client that connects and never starts its handshake.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", service.grpc_port)).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    service.terminate();
+    let status = service.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.is_some(), "the service waited for a handshake that never started: {}", service.log());
+}
+
+#[tokio::test]
+async fn tls_start_errors_name_the_file_and_fix() {
+    let pki = Pki::new();
+    let start = |cert: &str, key: &str| {
+        ops::run_binary(&[
+            "serve",
+            "--config",
+            &shipped_config().display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &pki.path_text(cert),
+            "--tls-key",
+            &pki.path_text(key),
+        ])
+    };
+    let (status, output) = start("server-key.pem", "server-key.pem");
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("--tls-cert"), "a key given as the certificate: {output}");
+    assert!(output.contains("no CERTIFICATE block"), "a key given as the certificate: {output}");
+
+    let (status, output) = start("server.pem", "server.pem");
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("--tls-key"), "a certificate given as the key: {output}");
+    assert!(output.contains("not a key"), "a certificate given as the key: {output}");
+
+    let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    pki.write("encrypted-key.pem", encrypted);
+    let (status, output) = start("server.pem", "encrypted-key.pem");
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("encrypted"), "an encrypted key: {output}");
+    assert!(output.contains("openssl pkey"), "an encrypted key: {output}");
+}
+
+#[tokio::test]
 async fn tls_start_fails_on_unreadable_certificate() {
     let pki = Pki::new();
     pki.write("not-pem.pem", "not a certificate");

@@ -26,6 +26,7 @@ use tonic::service::Routes;
 use tower_service::Service as _;
 use tracing::{debug, warn};
 
+use crate::rls::parse_grpc_timeout;
 use crate::telemetry::Throttle;
 use crate::unary::{DecideService, UnaryBody};
 
@@ -73,9 +74,20 @@ impl hyper::service::Service<http::Request<Incoming>> for Edge {
             Box::pin(async move { Ok(decide.answer(request).await.map(Either::Left)) })
         } else {
             let mut routes = self.routes.clone();
+            let timeout = request.headers().get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
             Box::pin(async move {
-                let response = routes.call(request).await?;
-                Ok(response.map(Either::Right))
+                let Some(timeout) = timeout else {
+                    return Ok(routes.call(request).await?.map(Either::Right));
+                };
+                // The caller's deadline bounds the wait for the response
+                // (not a stream's later messages, as for health's Watch).
+                match tokio::time::timeout(timeout, routes.call(request)).await {
+                    Ok(response) => Ok(response?.map(Either::Right)),
+                    Err(_) => {
+                        let status = tonic::Status::deadline_exceeded(format!("no response within the grpc-timeout of {timeout:?}"));
+                        Ok(status.into_http::<UnaryBody>().map(Either::Left))
+                    }
+                }
             })
         }
     }
@@ -138,9 +150,18 @@ async fn connection(
     let Some(acceptor) = tls else {
         return http2(Unvectored(stream), peer, &builder, edge, stopped).await;
     };
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let mut stop = stopped.clone();
+    // A handshake still under way at shutdown has no call to finish.
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => handshake,
+        () = async { let _ = stop.wait_for(|stop| *stop).await; } => {
+            debug!(peer.addr = %peer, "TLS handshake dropped at shutdown");
+            return;
+        }
+    };
+    match handshake {
         Ok(Ok(stream)) => http2(Unvectored(stream), peer, &builder, edge, stopped).await,
-        Ok(Err(error)) => debug!(%error, peer.addr = %peer, "TLS handshake failed"),
+        Ok(Err(error)) => debug!(error = %chain(&error), peer.addr = %peer, "TLS handshake failed"),
         Err(_) => debug!(peer.addr = %peer, timeout = ?TLS_HANDSHAKE_TIMEOUT, "TLS handshake timed out"),
     }
 }

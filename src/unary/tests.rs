@@ -20,8 +20,29 @@ impl Body for Chunks {
 }
 
 fn read(chunks: &[&[u8]], max: usize) -> Result<Bytes, Status> {
+    read_within(chunks, max, &Buffered::new(1 << 20))
+}
+
+fn read_within(chunks: &[&[u8]], max: usize, buffered: &Buffered) -> Result<Bytes, Status> {
     let body = Chunks(chunks.iter().map(|chunk| Bytes::copy_from_slice(chunk)).collect());
-    tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(read_message(body, max))
+    tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(read_message(body, max, buffered))
+}
+
+#[test]
+fn held_bytes_stay_within_the_budget() {
+    let buffered = Buffered::new(100);
+    let message = framed(0, &[1; 60]);
+    assert!(read_within(&[&message], 1000, &buffered).is_ok());
+    assert_eq!(buffered.bytes.load(Ordering::Relaxed), 0, "a finished read gives its bytes back");
+
+    // Another call still holds 50 bytes: 65 more pass the budget.
+    let mut other = Held { buffered: &buffered, bytes: 0 };
+    other.add(50).expect("within the budget");
+    let status = read_within(&[&message[..30], &message[30..]], 1000, &buffered).expect_err("over the budget");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("budget is 100 bytes"), "{}", status.message());
+    drop(other);
+    assert_eq!(buffered.bytes.load(Ordering::Relaxed), 0, "a failed read gives its bytes back too");
 }
 
 #[test]

@@ -1,0 +1,101 @@
+//! The gRPC port over raw HTTP/2: calls whose body never arrives end at the
+//! caller's deadline on every path, and an answer carries the headers gRPC
+//! needs and no others.
+
+#[path = "support/ops.rs"]
+mod ops;
+#[path = "support/service.rs"]
+mod service;
+
+use std::time::{Duration, Instant};
+
+use fikra_ratelimit::clock::Clock;
+use fikra_ratelimit::store::{MemoryStore, Store};
+use http::{HeaderMap, Request};
+use ops::InProcess;
+use service::limits;
+
+const CONFIG: &str = "
+domain: edge
+descriptors:
+  - key: k
+    rate_limit: {unit: minute, requests_per_unit: 5}
+";
+
+const DECIDE: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+const HEALTH: &str = "/grpc.health.v1.Health/Check";
+
+async fn server() -> InProcess {
+    InProcess::start(limits(CONFIG), Store::Memory(MemoryStore::new(Clock::monotonic()))).await
+}
+
+/// Sends the headers of a call to `path` and no body. Returns the response
+/// headers, where a trailers-only response has its status, and how long
+/// they took.
+async fn stalled_call(server: &InProcess, path: &str, timeout: &str) -> (HeaderMap, Duration) {
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = Request::post(format!("http://{}{path}", server.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .expect("request");
+    let started = Instant::now();
+    let (response, _body) = client.send_request(request, false).expect("stream opens");
+    let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("an answer within 5 s").expect("response");
+    (response.headers().clone(), started.elapsed())
+}
+
+#[tokio::test]
+async fn stalled_calls_end_at_their_deadline() {
+    let server = server().await;
+    for path in [DECIDE, HEALTH] {
+        let (headers, elapsed) = stalled_call(&server, path, "200m").await;
+        assert_eq!(headers.get("grpc-status").map(|value| value.as_bytes()), Some(&b"4"[..]), "{path}: {headers:?}");
+        assert!(elapsed >= Duration::from_millis(190), "{path}: answered after {elapsed:?}, before the deadline");
+        assert!(elapsed < Duration::from_secs(2), "{path}: answered after {elapsed:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn answers_carry_only_grpc_headers() {
+    use prost::Message;
+
+    let server = server().await;
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = Request::post(format!("http://{}{DECIDE}", server.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut body) = client.send_request(request, false).expect("stream opens");
+    let message = service::rls_request("edge", vec![service::descriptor(&[("k", "v")], None)]).encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(&message);
+    body.send_data(framed.into(), true).expect("body sent");
+
+    let response = response.await.expect("response");
+    let names: Vec<&str> = response.headers().keys().map(http::HeaderName::as_str).collect();
+    assert_eq!(names, ["content-type"], "{:?}", response.headers());
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let mut received = response.into_body();
+    let data = received.data().await.expect("a message").expect("data");
+    assert_eq!(overall_code(&data), 1, "OK");
+    let trailers = received.trailers().await.expect("trailers").expect("present");
+    assert_eq!(trailers["grpc-status"], "0");
+    server.stop().await;
+}
+
+/// Returns the overall code of a framed `RateLimitResponse`.
+fn overall_code(framed: &[u8]) -> i32 {
+    use fikra_ratelimit::proto::envoy::service::ratelimit::v3::RateLimitResponse;
+    use prost::Message;
+
+    RateLimitResponse::decode(&framed[5..]).expect("a response message").overall_code
+}
