@@ -26,7 +26,7 @@ use fred::prelude::{Error as RedisError, ErrorKind, Key, Options, Pool, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::script::BUCKET_SCRIPT;
+use super::script::{BUCKET_SCRIPT, integer};
 use crate::telemetry::Throttle;
 
 /// Maximum calls in one batch, which bounds how long one script runs in Redis
@@ -213,10 +213,10 @@ fn pack(calls: &mut [Pending]) -> (Vec<Key>, Vec<Value>) {
     let arg_total: usize = calls.iter().map(|call| call.args.len()).sum();
     let mut keys = Vec::with_capacity(key_total);
     let mut args = Vec::with_capacity(1 + 2 * calls.len() + arg_total);
-    args.push(Value::Integer(calls.len() as i64));
+    args.push(integer(calls.len() as u64));
     for call in calls.iter() {
-        args.push(Value::Integer(call.keys.len() as i64));
-        args.push(Value::Integer(call.args.len() as i64));
+        args.push(integer(call.keys.len() as u64));
+        args.push(integer(call.args.len() as u64));
     }
     for call in calls.iter_mut() {
         keys.append(&mut call.keys);

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use fred::bytes_utils::Str;
 use fred::prelude::{Key, Value};
 
 use crate::limiter::bucket::{BucketParams, BucketState, MAX_EXACT};
@@ -60,7 +61,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn code(self) -> i64 {
+    fn code(self) -> u64 {
         match self {
             Self::Judge => 0,
             Self::Reserve => 1,
@@ -92,7 +93,7 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
 
     let mut keys: Vec<Key> = Vec::with_capacity(key_count);
     let mut args: Vec<Value> = Vec::with_capacity(arg_count);
-    args.push(Value::Integer(call.mode.code()));
+    args.push(integer(call.mode.code()));
     args.push(integer(call.ops.len() as u64));
     args.push(integer(duration_ms(call.ttl_slack)));
     args.push(integer(duration_ms(call.estimate_ttl)));
@@ -112,9 +113,9 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
         args.push(integer(params.tick_ms));
         args.push(match op.check {
             Some(cost) => integer(cost),
-            None => Value::Integer(-1),
+            None => Value::String(Str::from_static(NO_CHECK)),
         });
-        args.push(Value::Integer(i64::from(op.shadow)));
+        args.push(integer(u64::from(op.shadow)));
         args.push(integer(op.credit));
         args.push(integer(op.reports.len() as u64));
         args.push(integer(op.estimates.len() as u64));
@@ -124,10 +125,10 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
             args.push(integer(report.amount));
             match &report.estimate_key {
                 Some(key) => {
-                    args.push(Value::Integer(1));
+                    args.push(integer(1));
                     keys.push(Key::from(key.as_str()));
                 }
-                None => args.push(Value::Integer(0)),
+                None => args.push(integer(0)),
             }
         }
         for estimate in &op.estimates {
@@ -182,9 +183,22 @@ pub fn decode_stale(reply: &Value, guards: usize) -> Result<Option<Vec<Option<St
 /// decision: capacities stay below 2^53 / 5, so a larger check cost never
 /// fits either way, and a larger report or credit already covers the whole
 /// debt range. Only the forgiven count of such a report is capped.
-fn integer(value: u64) -> Value {
-    Value::Integer(i64::try_from(value.min(MAX_EXACT - 1)).unwrap_or(i64::MAX))
+///
+/// A value below 64 (counts, flags, most small limits) is sent as a static
+/// decimal text: Redis receives the same bulk string either way, since
+/// arguments travel as text, but fred formats an integer anew on each call.
+pub(super) fn integer(value: u64) -> Value {
+    match SMALL_TEXTS.get(usize::try_from(value).unwrap_or(usize::MAX)) {
+        Some(text) => Value::String(Str::from_static(text)),
+        None => Value::Integer(i64::try_from(value.min(MAX_EXACT - 1)).unwrap_or(i64::MAX)),
+    }
 }
+
+/// The decimal texts of 0 to 63.
+const SMALL_TEXTS: [&str; 64] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31", "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45", "46", "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63"];
+
+/// The "no check" cost, -1, as text.
+const NO_CHECK: &str = "-1";
 
 pub fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
@@ -376,19 +390,42 @@ mod tests {
         let params = BucketParams::new(10, 1000, 10).expect("exact");
         let (capacity, scale, refill, tick) =
             (params.capacity as i64, params.scale as i64, params.refill_per_tick as i64, params.tick_ms as i64);
-        let int = |values: &[i64]| values.iter().map(|value| Value::Integer(*value)).collect::<Vec<_>>();
+        // Redis receives every argument as text, whether fred is given an
+        // integer or its decimal text.
+        let int = |values: &[i64]| values.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let text = |value: &str| vec![value.to_owned()];
         let expected = [
             int(&[0, 3, 5000, 600_000, 0]),
             int(&[capacity, scale, refill, tick, 2, 0, 0, 2, 1]),
-            vec![Value::from("1")],
+            text("1"),
             int(&[3, 1, 4, 0, 5]),
             int(&[capacity, scale, refill, tick, -1, 1, 7, 0, 0]),
-            vec![Value::from("2")],
+            text("2"),
             int(&[capacity, scale, refill, tick, -1, 0, 0, 0, 0]),
-            vec![Value::from("3")],
+            text("3"),
         ]
         .concat();
-        assert_eq!(args, expected);
+        let sent: Vec<String> = args.iter().map(argument_text).collect();
+        assert_eq!(sent, expected);
+    }
+
+    /// Returns the text Redis receives for an argument.
+    fn argument_text(value: &Value) -> String {
+        match value {
+            Value::Integer(integer) => integer.to_string(),
+            Value::String(text) => text.to_string(),
+            other => panic!("an argument that is neither an integer nor text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn small_integers_are_sent_as_the_same_text() {
+        for value in [0, 1, 9, 10, 63, 64, 65, 1000, MAX_EXACT - 1, MAX_EXACT, u64::MAX] {
+            let expected = value.min(MAX_EXACT - 1).to_string();
+            assert_eq!(argument_text(&integer(value)), expected, "{value}");
+        }
+        assert!(matches!(integer(63), Value::String(_)), "a small value is static text");
+        assert!(matches!(integer(64), Value::Integer(_)));
     }
 
     #[test]
