@@ -195,7 +195,7 @@ impl<L> Default for Handles<L> {
 }
 
 impl<L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static> Handles<L> {
-    /// Adds one to the series that `labels` names in `family`; `identity`
+    /// Adds one to the series that `labels` names in `family`. `identity`
     /// contains the addresses of the texts in `labels`, and a fixed text's
     /// address and length.
     fn inc(&self, identity: [usize; 4], family: &Family<L, Counter>, labels: impl FnOnce() -> L) {

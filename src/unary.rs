@@ -4,7 +4,7 @@
 //! boxed bodies and per-call buffers. The decision path is one unary method
 //! called on every request of every customer, so it is served here on its
 //! own: the request body is read into its single length-prefixed message,
-//! [`RateLimitHandler::decide`] answers it, and the answer goes out as one
+//! [`RateLimitHandler::decide`] decides it, and the response goes out as one
 //! data frame and the `grpc-status` trailer. The statuses are tonic's: an
 //! error is a trailers-only response built by [`Status::into_http`].
 //!
@@ -43,7 +43,7 @@ const BODY_READ_LIMIT: Duration = Duration::from_secs(10);
 
 const COMPRESSED: &str = "this server takes uncompressed messages only; turn compression off in the client";
 
-/// Answers `ShouldRateLimit` calls, for the server's route of that
+/// The handler of `ShouldRateLimit` calls, for the server's route of that
 /// method's path.
 pub struct DecideService {
     handler: RateLimitHandler,
@@ -59,7 +59,7 @@ impl DecideService {
         Self { handler, max_message_bytes, buffered: Buffered::new(budget) }
     }
 
-    /// Answers one call.
+    /// Decides one call and builds its response.
     pub async fn answer<B>(&self, request: http::Request<B>) -> http::Response<UnaryBody>
     where
         B: Body<Data = Bytes>,
@@ -68,7 +68,7 @@ impl DecideService {
         let headers = request.headers();
         if let Some(encoding) = headers.get(GRPC_ENCODING).filter(|encoding| *encoding != "identity") {
             let encoding = String::from_utf8_lossy(encoding.as_bytes());
-            return uncompressed_only(&format!("the request's grpc-encoding is {encoding:?}"));
+            return error_response(Status::unimplemented(format!("the request's grpc-encoding is {encoding:?}; {COMPRESSED}")));
         }
         let mut timeout = headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(rls::parse_grpc_timeout);
         // The body of a check is a few hundred bytes: a client that stops
@@ -90,10 +90,7 @@ impl DecideService {
         };
         let message = match read {
             Ok(Ok(message)) => message,
-            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-                return uncompressed_only("the request message has the compressed flag set");
-            }
-            Ok(Err(status)) => return status.into_http(),
+            Ok(Err(status)) => return error_response(status),
             Err(_) => {
                 let message = format!("the request message did not arrive within {read_limit:?}");
                 return Status::deadline_exceeded(message).into_http();
@@ -130,19 +127,19 @@ where
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut expected: Option<usize> = None;
-    let mut held = Held { buffered, bytes: 0 };
+    let mut reservation = Reservation { buffered, bytes: 0 };
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         let frame = frame.map_err(|error| Status::cancelled(format!("the request body failed: {error}")))?;
         let Ok(data) = frame.into_data() else { continue };
         if data.is_empty() {
             continue;
         }
-        held.add(data.len())?;
+        reservation.add(data.len())?;
         match (&mut first, &mut joined) {
             (None, None) => first = Some(data),
-            (Some(held), None) => {
-                let mut buffer = BytesMut::with_capacity(held.len() + data.len());
-                buffer.extend_from_slice(held);
+            (Some(start), None) => {
+                let mut buffer = BytesMut::with_capacity(start.len() + data.len());
+                buffer.extend_from_slice(start);
                 buffer.extend_from_slice(&data);
                 first = None;
                 joined = Some(buffer);
@@ -184,19 +181,23 @@ where
     Ok(bytes)
 }
 
-/// Builds the UNIMPLEMENTED answer to a compressed request, naming the one
-/// encoding taken (`grpc-accept-encoding`), as gRPC asks.
-fn uncompressed_only(what: &str) -> http::Response<UnaryBody> {
-    let mut response: http::Response<UnaryBody> = Status::unimplemented(format!("{what}; {COMPRESSED}")).into_http();
-    response.headers_mut().insert(GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+/// Builds the trailers-only response of a failed read. An UNIMPLEMENTED
+/// one rejects compression, so it names the one encoding taken
+/// (`grpc-accept-encoding`), as gRPC requires.
+fn error_response(status: Status) -> http::Response<UnaryBody> {
+    let compressed = status.code() == tonic::Code::Unimplemented;
+    let mut response: http::Response<UnaryBody> = status.into_http();
+    if compressed {
+        response.headers_mut().insert(GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
     response
 }
 
-/// The smallest budget for request bytes held while their messages arrive.
+/// The minimum budget for request bytes kept while their messages arrive.
 const BUFFERED_MIN_BYTES: usize = 64 << 20;
 
-/// The bytes of request bodies held by all calls still reading them, and
-/// their budget. Each call may send up to the message bound, and a
+/// The bytes of request bodies that calls still reading them keep in
+/// memory, and their budget. Each call may send up to the message bound, and a
 /// connection carries thousands of calls, so without a budget slow clients
 /// could make the service hold gigabytes.
 #[derive(Clone)]
@@ -212,12 +213,12 @@ impl Buffered {
 }
 
 /// One call's share of [`Buffered`], given back when the read ends.
-struct Held<'a> {
+struct Reservation<'a> {
     buffered: &'a Buffered,
     bytes: usize,
 }
 
-impl Held<'_> {
+impl Reservation<'_> {
     /// Counts `bytes` more, or fails with RESOURCE_EXHAUSTED when the
     /// budget is spent.
     fn add(&mut self, bytes: usize) -> Result<(), Status> {
@@ -225,7 +226,7 @@ impl Held<'_> {
         self.bytes += bytes;
         if before + bytes > self.buffered.budget {
             return Err(Status::resource_exhausted(format!(
-                "the server already holds {before} bytes of requests still arriving, and its budget is {} bytes; \
+                "the server already keeps {before} bytes of requests still arriving, and its budget is {} bytes; \
                  send each request whole, or retry later",
                 self.buffered.budget
             )));
@@ -234,7 +235,7 @@ impl Held<'_> {
     }
 }
 
-impl Drop for Held<'_> {
+impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         self.buffered.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
     }
@@ -244,7 +245,7 @@ impl Drop for Held<'_> {
 fn check_prefix(head: &[u8], max: usize) -> Result<usize, Status> {
     match head[0] {
         0 => {}
-        1 => return Err(Status::unimplemented(COMPRESSED)),
+        1 => return Err(Status::unimplemented(format!("the request message has the compressed flag set; {COMPRESSED}"))),
         flag => {
             return Err(Status::invalid_argument(format!(
                 "the message prefix has compressed flag {flag}; gRPC allows 0 or 1"

@@ -29,21 +29,32 @@ async fn server() -> InProcess {
     InProcess::start(limits(CONFIG), Store::Memory(MemoryStore::new(Clock::monotonic()))).await
 }
 
+/// Opens an HTTP/2 connection to `server`.
+async fn connect(server: &InProcess) -> h2::client::SendRequest<prost::bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    client
+}
+
+/// Builds the headers of a gRPC call to `path`, with `grpc-timeout` when given.
+fn grpc_request(server: &InProcess, path: &str, timeout: Option<&str>) -> Request<()> {
+    let mut request = Request::post(format!("http://{}{path}", server.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(timeout) = timeout {
+        request = request.header("grpc-timeout", timeout);
+    }
+    request.body(()).expect("request")
+}
+
 /// Sends the headers of a call to `path` and no body. Returns the response
 /// headers, where a trailers-only response has its status, and how long
 /// they took.
 async fn stalled_call(server: &InProcess, path: &str, timeout: &str) -> (HeaderMap, Duration) {
-    let tcp = tokio::net::TcpStream::connect(server.grpc).await.expect("connect");
-    let (mut client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    let request = Request::post(format!("http://{}{path}", server.grpc))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", timeout)
-        .body(())
-        .expect("request");
+    let mut client = connect(server).await;
     let started = Instant::now();
-    let (response, _body) = client.send_request(request, false).expect("stream opens");
+    let (response, _body) = client.send_request(grpc_request(server, path, Some(timeout)), false).expect("stream opens");
     let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("an answer within 5 s").expect("response");
     (response.headers().clone(), started.elapsed())
 }
@@ -65,15 +76,8 @@ async fn answers_carry_only_grpc_headers() {
     use prost::Message;
 
     let server = server().await;
-    let tcp = tokio::net::TcpStream::connect(server.grpc).await.expect("connect");
-    let (mut client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    let request = Request::post(format!("http://{}{DECIDE}", server.grpc))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
-    let (response, mut body) = client.send_request(request, false).expect("stream opens");
+    let mut client = connect(&server).await;
+    let (response, mut body) = client.send_request(grpc_request(&server, DECIDE, None), false).expect("stream opens");
     let message = service::rls_request("edge", vec![service::descriptor(&[("k", "v")], None)]).encode_to_vec();
     let mut framed = vec![0];
     framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());

@@ -162,6 +162,24 @@ async fn tls_refuses_clients_without_the_right_certificate() {
     assert_eq!(value(&text, "fikra_calls_total", &[("domain", "fikra"), ("code", "ok")]), 1.0);
 }
 
+/// Runs `serve` with the certificate and key files `cert` and `key` of
+/// `pki`, and returns its exit status and output.
+fn start_with_files(pki: &Pki, cert: &str, key: &str) -> (std::process::ExitStatus, String) {
+    ops::run_binary(&[
+        "serve",
+        "--config",
+        &shipped_config().display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &pki.path_text(cert),
+        "--tls-key",
+        &pki.path_text(key),
+    ])
+}
+
 #[tokio::test]
 async fn shutdown_drops_unfinished_tls_handshakes() {
     let pki = Pki::new();
@@ -177,21 +195,7 @@ async fn shutdown_drops_unfinished_tls_handshakes() {
 #[tokio::test]
 async fn tls_start_errors_name_the_file_and_fix() {
     let pki = Pki::new();
-    let start = |cert: &str, key: &str| {
-        ops::run_binary(&[
-            "serve",
-            "--config",
-            &shipped_config().display().to_string(),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &pki.path_text(cert),
-            "--tls-key",
-            &pki.path_text(key),
-        ])
-    };
+    let start = |cert: &str, key: &str| start_with_files(&pki, cert, key);
     let (status, output) = start("server-key.pem", "server-key.pem");
     assert!(!status.success(), "{output}");
     assert!(output.contains("--tls-cert"), "a key given as the certificate: {output}");
@@ -214,19 +218,7 @@ async fn tls_start_errors_name_the_file_and_fix() {
 async fn tls_start_fails_on_unreadable_certificate() {
     let pki = Pki::new();
     pki.write("not-pem.pem", "not a certificate");
-    let (status, output) = ops::run_binary(&[
-        "serve",
-        "--config",
-        &shipped_config().display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &pki.path_text("not-pem.pem"),
-        "--tls-key",
-        &pki.path_text("server-key.pem"),
-    ]);
+    let (status, output) = start_with_files(&pki, "not-pem.pem", "server-key.pem");
     assert!(!status.success(), "{output}");
     assert!(output.contains("--tls-cert"), "{output}");
     assert!(output.contains("not-pem.pem"), "{output}");

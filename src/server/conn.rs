@@ -94,8 +94,8 @@ impl hyper::service::Service<http::Request<Incoming>> for Edge {
 }
 
 /// Serves `edge` on `listener` until `drain` completes, then stops
-/// accepting, asks every connection to finish (GOAWAY) and waits for their
-/// calls in flight.
+/// accepting, sends every connection GOAWAY and waits for their calls in
+/// flight.
 pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, edge: Edge, drain: impl Future<Output = ()>) {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // gRPC has no use for the Date header, which hyper adds by default.
@@ -202,7 +202,7 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// A stream that tells h2 it has no vectored writes. h2 then copies a data
+/// A stream that reports to h2 that it has no vectored writes. h2 then copies a data
 /// frame of up to 1 KiB into its write buffer instead of writing it on its
 /// own, so the answers of many calls leave in one write: an answer is a few
 /// hundred bytes, and with vectored writes each one over 256 bytes costs a

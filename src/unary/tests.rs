@@ -29,14 +29,14 @@ fn read_within(chunks: &[&[u8]], max: usize, buffered: &Buffered) -> Result<Byte
 }
 
 #[test]
-fn held_bytes_stay_within_the_budget() {
+fn reservations_stay_within_budget() {
     let buffered = Buffered::new(100);
     let message = framed(0, &[1; 60]);
     assert!(read_within(&[&message], 1000, &buffered).is_ok());
     assert_eq!(buffered.bytes.load(Ordering::Relaxed), 0, "a finished read gives its bytes back");
 
-    // Another call still holds 50 bytes: 65 more pass the budget.
-    let mut other = Held { buffered: &buffered, bytes: 0 };
+    // Another call still has 50 bytes reserved, so 65 more exceed the budget.
+    let mut other = Reservation { buffered: &buffered, bytes: 0 };
     other.add(50).expect("within the budget");
     let status = read_within(&[&message[..30], &message[30..]], 1000, &buffered).expect_err("over the budget");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
@@ -46,13 +46,13 @@ fn held_bytes_stay_within_the_budget() {
 }
 
 #[test]
-fn a_message_in_one_frame_is_read_whole() {
+fn read_keeps_a_single_frame() {
     let bytes = framed(0, b"hello");
     assert_eq!(read(&[&bytes], 100).expect("message"), Bytes::from_static(b"hello"));
 }
 
 #[test]
-fn a_message_split_anywhere_is_joined() {
+fn read_joins_split_frames() {
     let bytes = framed(0, b"a message in pieces");
     for cut in 1..bytes.len() {
         for second in cut..bytes.len() {
@@ -63,12 +63,12 @@ fn a_message_split_anywhere_is_joined() {
 }
 
 #[test]
-fn an_empty_message_is_read() {
+fn read_accepts_an_empty_message() {
     assert_eq!(read(&[&framed(0, b"")], 100).expect("message"), Bytes::new());
 }
 
 #[test]
-fn an_oversize_message_is_out_of_range_from_its_prefix() {
+fn read_rejects_oversize_prefix() {
     // Only the prefix arrives: the length alone decides.
     let prefix = &framed(0, &[7; 101])[..5];
     let status = read(&[prefix], 100).expect_err("too large");
@@ -78,7 +78,7 @@ fn an_oversize_message_is_out_of_range_from_its_prefix() {
 }
 
 #[test]
-fn a_compressed_message_is_unimplemented() {
+fn read_rejects_compressed_flag() {
     let status = read(&[&framed(1, b"zz")], 100).expect_err("compressed");
     assert_eq!(status.code(), tonic::Code::Unimplemented);
     assert_eq!(read(&[&framed(2, b"zz")], 100).expect_err("bad flag").code(), tonic::Code::InvalidArgument);
@@ -99,7 +99,7 @@ fn missing_short_and_extra_bytes_are_invalid() {
 }
 
 #[test]
-fn an_answer_is_one_framed_message_then_the_ok_trailer() {
+fn ok_response_frames_message_then_trailer() {
     let answer = crate::proto::envoy::service::ratelimit::v3::RateLimitResponse { overall_code: 2, ..Default::default() };
     let response = ok_response(answer.encoded_len(), |buffer| answer.encode_raw(buffer));
     assert_eq!(response.headers()[CONTENT_TYPE], "application/grpc");
@@ -118,13 +118,13 @@ fn an_answer_is_one_framed_message_then_the_ok_trailer() {
 }
 
 #[test]
-fn an_error_answer_is_trailers_only() {
+fn error_response_is_trailers_only() {
     let response: http::Response<UnaryBody> = Status::out_of_range("too big").into_http();
     assert_eq!(response.headers()["grpc-status"], "11");
     assert!(response.body().is_end_stream());
 }
 
-/// A service over a one-rule configuration on the in-memory store.
+/// Builds a service over a one-rule configuration on the in-memory store.
 fn service() -> DecideService {
     let yaml = "domain: t\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: minute\n      requests_per_unit: 5\n";
     let domain = crate::config::parse(yaml, "t.yaml").expect("valid config");
@@ -161,7 +161,7 @@ impl Body for Stalled {
 }
 
 #[tokio::test]
-async fn a_whole_call_is_answered() {
+async fn answer_decides_a_whole_call() {
     let body = Chunks([Bytes::from(check_bytes())].into_iter().collect());
     let response = service().answer(http::Request::new(body)).await;
     assert!(response.headers().get("grpc-status").is_none(), "{:?}", response.headers());
@@ -175,7 +175,7 @@ async fn a_whole_call_is_answered() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stalled_body_ends_at_the_deadline() {
+async fn answer_ends_stalled_body_at_deadline() {
     let mut request = http::Request::new(Stalled);
     request.headers_mut().insert("grpc-timeout", HeaderValue::from_static("50m"));
     let response = service().answer(request).await;
@@ -188,7 +188,7 @@ async fn a_stalled_body_ends_at_the_deadline() {
 }
 
 #[tokio::test]
-async fn compressed_requests_name_the_accepted_encoding() {
+async fn answer_names_accepted_encoding() {
     let mut request = http::Request::new(Chunks([Bytes::from(check_bytes())].into_iter().collect()));
     request.headers_mut().insert("grpc-encoding", HeaderValue::from_static("gzip"));
     let response = service().answer(request).await;
@@ -225,7 +225,7 @@ impl Body for Late {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_late_body_is_read_within_the_deadline() {
+async fn answer_reads_late_body_in_time() {
     let mut request = http::Request::new(Late { waited: false, message: Some(Bytes::from(check_bytes())) });
     request.headers_mut().insert("grpc-timeout", HeaderValue::from_static("50m"));
     let response = service().answer(request).await;
