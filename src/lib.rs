@@ -16,7 +16,7 @@
 //! - [`answer`]: a decision to the client's headers and denial body.
 //! - [`rls`]: the gRPC handler, protocol to domain and back, and the one
 //!   place errors become gRPC statuses.
-//! - [`server`]: the gRPC port on hyper, health, reflection, TLS, shutdown.
+//! - [`server`]: the gRPC port on HTTP/2 (h2), health, reflection, TLS, shutdown.
 //! - [`unary`]: the decision call read from and written to HTTP/2 directly.
 //! - [`metrics`]: Prometheus metrics and the HTTP port with the probes.
 //! - [`reload`]: watching the configuration files and applying changes.

@@ -283,6 +283,19 @@ pub struct UnaryBody {
     trailers: bool,
 }
 
+impl UnaryBody {
+    /// Returns the message and the trailers still to be sent.
+    pub fn into_parts(self) -> (Option<Bytes>, Option<HeaderMap>) {
+        (self.message, self.trailers.then(ok_trailers))
+    }
+}
+
+fn ok_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+    trailers
+}
+
 impl Body for UnaryBody {
     type Data = Bytes;
     type Error = Infallible;
@@ -292,9 +305,7 @@ impl Body for UnaryBody {
             return Poll::Ready(Some(Ok(Frame::data(message))));
         }
         if std::mem::take(&mut self.trailers) {
-            let mut trailers = HeaderMap::with_capacity(1);
-            trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(ok_trailers()))));
         }
         Poll::Ready(None)
     }
@@ -303,9 +314,8 @@ impl Body for UnaryBody {
         self.message.is_none() && !self.trailers
     }
 
-    // No exact `size_hint`: hyper would send it as `content-length`, which
-    // gRPC does not use and which, differing between answers, costs a
-    // literal header to encode on every call.
+    // No exact `size_hint`, so no layer turns it into a `content-length`:
+    // gRPC does not use one, and it would cost a literal header per call.
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! The gRPC port over raw HTTP/2: calls whose body never arrives end at the
-//! caller's deadline on every path, and an answer carries the headers gRPC
-//! needs and no others.
+//! The gRPC port over raw HTTP/2. Calls whose body never arrives end at the
+//! caller's deadline on every path. A response carries the headers gRPC needs
+//! and no others, and it respects the client's flow-control window. A
+//! connection with no call does not delay shutdown.
 
 #[path = "support/ops.rs"]
 mod ops;
@@ -102,4 +103,58 @@ fn overall_code(framed: &[u8]) -> i32 {
     use prost::Message;
 
     RateLimitResponse::decode(&framed[5..]).expect("a response message").overall_code
+}
+
+/// Frames one gRPC message.
+fn framed(message: &[u8]) -> prost::bytes::Bytes {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.into()
+}
+
+#[tokio::test]
+async fn responses_complete_through_one_byte_window() {
+    use prost::Message;
+
+    let server = server().await;
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.expect("connect");
+    let (mut client, connection) =
+        h2::client::Builder::new().initial_window_size(1).handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let check = service::rls_request("edge", vec![service::descriptor(&[("k", "v")], None)]).encode_to_vec();
+    // An empty HealthCheckRequest requests the whole server's status.
+    for (path, message) in [(DECIDE, check), (HEALTH, Vec::new())] {
+        let (response, mut body) = client.send_request(grpc_request(&server, path, None), false).expect("stream opens");
+        body.send_data(framed(&message), true).expect("body sent");
+        let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("headers within 5 s").expect("response");
+        let mut received = response.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), received.data()).await.expect("data within 5 s") {
+            let chunk = chunk.expect("data");
+            received.flow_control().release_capacity(chunk.len()).expect("window given back");
+            data.extend_from_slice(&chunk);
+        }
+        let trailers = received.trailers().await.expect("trailers").expect("present");
+        assert_eq!(trailers["grpc-status"], "0", "{path}");
+        assert!(data.len() > 5, "{path}: {} bytes", data.len());
+        let length = u32::from_be_bytes(data[1..5].try_into().expect("4 bytes")) as usize;
+        assert_eq!(data.len(), 5 + length, "{path}: the whole message arrived");
+        if path == DECIDE {
+            assert_eq!(overall_code(&data), 1, "OK");
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_skips_connections_without_calls() {
+    let server = server().await;
+    let _silent = tokio::net::TcpStream::connect(server.grpc).await.expect("connect");
+    // An open HTTP/2 connection with no call in flight closes at once too.
+    let _idle = connect(&server).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(2), "shutdown took {:?}", started.elapsed());
 }

@@ -104,7 +104,7 @@ fn ok_response_frames_message_then_trailer() {
     let response = ok_response(answer.encoded_len(), |buffer| answer.encode_raw(buffer));
     assert_eq!(response.headers()[CONTENT_TYPE], "application/grpc");
     let mut body = response.into_body();
-    assert_eq!(body.size_hint().exact(), None, "no content-length for hyper to send");
+    assert_eq!(body.size_hint().exact(), None, "no content-length to send");
     let waker = std::task::Waker::noop();
     let mut cx = Context::from_waker(waker);
     let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) else { panic!("a data frame") };
