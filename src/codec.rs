@@ -98,8 +98,14 @@ fn buffer_settings() -> BufferSettings {
 const CALL_BUFFER_BYTES: usize = 1024;
 const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
 
-/// Decodes a `RateLimitRequest` as the server does: strictly, then leniently.
+pub mod common;
+
+/// Decodes a `RateLimitRequest` as the server does: its common shape
+/// directly, anything else with prost, strictly, then leniently.
 pub fn decode_request(bytes: Bytes) -> Result<RateLimitRequest, Status> {
+    if let Some(request) = common::decode(&bytes) {
+        return Ok(request);
+    }
     match RateLimitRequest::decode(bytes.clone()) {
         Ok(request) => Ok(request),
         Err(error) => decode_request_leniently(bytes, &error),

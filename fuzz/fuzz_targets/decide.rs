@@ -3,7 +3,8 @@
 //!
 //! An input is a sequence of steps: two bytes that move the clock (in units
 //! of 7 ms), then one length-delimited `RateLimitRequest`, decoded as the
-//! server decodes it (see `fikra_ratelimit::codec`). Each input starts
+//! server decodes it (see `fikra_ratelimit::codec`), and by the common-shape
+//! decoder, which must decline it or agree with prost. Each input starts
 //! from an empty store with small bounds, so eviction runs too. Checked for
 //! every step: bytes that do not decode get INVALID_ARGUMENT; the limiter
 //! rejects exactly the requests that break the request bounds, and only with
@@ -25,6 +26,7 @@ use fikra_ratelimit::rls;
 use fikra_ratelimit::store::memory::{MemoryBounds, MemoryStore};
 use fikra_ratelimit::store::Store;
 use libfuzzer_sys::fuzz_target;
+use prost::Message;
 use prost::bytes::Bytes;
 
 const EDGE: &str = "
@@ -97,6 +99,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(length) = prost::decode_length_delimiter(&mut input) else { return };
         let Some((message, rest)) = input.split_at_checked(length) else { return };
         input = rest;
+        // The common-shape decoder either declines or agrees with prost.
+        if let Some(common) = codec::common::decode(message) {
+            assert_eq!(Some(common), RateLimitRequest::decode(message).ok(), "the common decoder differs from prost");
+        }
         match codec::decode_request(Bytes::copy_from_slice(message)) {
             Ok(message) => step(fixture, &limiter, message),
             Err(status) => assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}"),
