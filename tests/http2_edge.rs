@@ -158,3 +158,16 @@ async fn shutdown_skips_connections_without_calls() {
     server.stop().await;
     assert!(started.elapsed() < Duration::from_secs(2), "shutdown took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn stalled_health_check_ends_after_ten_seconds() {
+    let server = server().await;
+    let mut client = connect(&server).await;
+    let started = Instant::now();
+    let (response, _body) = client.send_request(grpc_request(&server, HEALTH, None), false).expect("stream opens");
+    let response = tokio::time::timeout(Duration::from_secs(15), response).await.expect("an answer within 15 s").expect("response");
+    let elapsed = started.elapsed();
+    assert_eq!(response.headers().get("grpc-status").map(|value| value.as_bytes()), Some(&b"4"[..]), "{:?}", response.headers());
+    assert!(elapsed >= Duration::from_secs(9), "answered after {elapsed:?}");
+    server.stop().await;
+}

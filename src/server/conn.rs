@@ -10,12 +10,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use futures_util::stream::FuturesUnordered;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
@@ -29,7 +30,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tonic::service::Routes;
 use tower_service::Service as _;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::rls::parse_grpc_timeout;
 use crate::telemetry::Throttle;
@@ -53,6 +54,12 @@ const MAX_SEND_BUFFER_BYTES: usize = 400 << 10;
 /// The number of streams the server may reset for a client's protocol
 /// errors before it closes the connection.
 const MAX_ERROR_RESETS: usize = 1024;
+
+/// The maximum wait for the response to a call to any path but
+/// `ShouldRateLimit`, and the limit on a longer `grpc-timeout`. Those calls
+/// answer at once once their request message has arrived, so this bounds
+/// how long a client that never sends it holds the stream.
+const ROUTE_RESPONSE_LIMIT: Duration = Duration::from_secs(10);
 
 /// The maximum time a client may take to finish its TLS handshake, and
 /// to send the HTTP/2 preface after it.
@@ -86,16 +93,15 @@ impl Edge {
     async fn route(&self, request: http::Request<RecvBody>) -> http::Response<EdgeBody> {
         let mut routes = self.routes.clone();
         let timeout = request.headers().get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
-        let Some(timeout) = timeout else {
-            let Ok(response) = routes.call(request).await;
-            return response.map(Either::Right);
-        };
         // The caller's deadline bounds the wait for the response (not a
         // stream's later messages, as for health's Watch).
-        match tokio::time::timeout(timeout, routes.call(request)).await {
+        let limit = timeout.map_or(ROUTE_RESPONSE_LIMIT, |timeout| timeout.min(ROUTE_RESPONSE_LIMIT));
+        match tokio::time::timeout(limit, routes.call(request)).await {
             Ok(Ok(response)) => response.map(Either::Right),
             Err(_) => {
-                let status = tonic::Status::deadline_exceeded(format!("no response within the grpc-timeout of {timeout:?}"));
+                let status = tonic::Status::deadline_exceeded(format!(
+                    "no response within {limit:?}; send the whole request message within the grpc-timeout and at most {ROUTE_RESPONSE_LIMIT:?}"
+                ));
                 status.into_http::<UnaryBody>().map(Either::Left)
             }
         }
@@ -221,7 +227,11 @@ where
                 match connection.poll_accept(cx) {
                     Poll::Ready(Some(Ok((request, respond)))) => {
                         if request.uri().path() == &*edge.decide_path {
-                            calls.push(decide(Arc::clone(&edge.decide), request, respond));
+                            // A call that panics resets its own stream only.
+                            // The call's future takes about 2 KB, so it is
+                            // boxed once instead of moved into each wrapper.
+                            let call = Box::pin(decide(Arc::clone(&edge.decide), request, respond));
+                            calls.push(AssertUnwindSafe(call).catch_unwind());
                         } else {
                             tokio::spawn(route(edge.clone(), request, respond));
                         }
@@ -232,7 +242,10 @@ where
                 }
             }
             let mut answered = false;
-            while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
+            while let Poll::Ready(Some(result)) = calls.poll_next_unpin(cx) {
+                if result.is_err() {
+                    error!(peer.addr = %peer, "A ShouldRateLimit call panicked; its stream was reset");
+                }
                 answered = true;
             }
             if !answered {
