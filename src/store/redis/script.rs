@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use fred::bytes_utils::Str;
+use fred::bytes::Bytes;
 use fred::prelude::{Key, Value};
 
 use crate::limiter::bucket::{BucketParams, BucketState, MAX_EXACT};
@@ -119,7 +120,7 @@ pub fn encode(call: &Invocation<'_>) -> (Vec<Key>, Vec<Value>) {
         args.push(integer(op.credit));
         args.push(integer(op.reports.len() as u64));
         args.push(integer(op.estimates.len() as u64));
-        args.push(Value::from(keys::redis_location(&op.key).1));
+        args.push(text(keys::redis_location(&op.key).1));
 
         for report in &op.reports {
             args.push(integer(report.amount));
@@ -149,7 +150,10 @@ pub fn encode_guarded(call: &Invocation<'_>, guards: &[RecordGuard]) -> (Vec<Key
     }
     args.push(integer(guards.len() as u64));
     for guard in guards {
-        args.push(Value::from(guard.expected.as_deref().unwrap_or(NO_RECORD)));
+        args.push(match guard.expected.as_deref() {
+            Some(expected) => text(expected),
+            None => Value::String(Str::from_static(NO_RECORD)),
+        });
         keys.push(Key::from(guard.key.as_str()));
     }
     (keys, args)
@@ -192,6 +196,13 @@ pub(super) fn integer(value: u64) -> Value {
         Some(text) => Value::String(Str::from_static(text)),
         None => Value::Integer(i64::try_from(value.min(MAX_EXACT - 1)).unwrap_or(i64::MAX)),
     }
+}
+
+/// Copies a text argument. Redis receives the same bulk string as for a
+/// `Value::String`, which costs more to build because its UTF-8 is kept
+/// checked.
+fn text(value: &str) -> Value {
+    Value::Bytes(Bytes::copy_from_slice(value.as_bytes()))
 }
 
 /// The decimal texts of 0 to 63.
@@ -414,6 +425,7 @@ mod tests {
         match value {
             Value::Integer(integer) => integer.to_string(),
             Value::String(text) => text.to_string(),
+            Value::Bytes(bytes) => String::from_utf8(bytes.to_vec()).expect("UTF-8"),
             other => panic!("an argument that is neither an integer nor text: {other:?}"),
         }
     }
