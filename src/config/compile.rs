@@ -1,11 +1,11 @@
 //! Validation: a parsed file to the limiter's model, with every problem
 //! named by its key path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::file::{DomainFile, RateLimitFile, RuleFile};
-use super::model::{AccountsSettings, DomainLimits, EntryRoles, KeyNode, Limit, Meter, Node, Rule, Tier, Unit};
+use super::model::{AccountsSettings, DomainLimits, EntryRoles, KeyNode, Limit, Meter, NameMap, Node, Rule, Tier, Unit};
 use crate::limiter::bucket::BucketParams;
 
 /// One problem in one file.
@@ -338,8 +338,8 @@ fn insert_child(slot: &mut KeyNode, value: Option<&str>, child: Node) {
 }
 
 /// Checks that no two domains share a name, returning the domains by name.
-pub fn index_domains(domains: Vec<DomainLimits>) -> Result<HashMap<String, Arc<DomainLimits>>, Vec<Problem>> {
-    let mut by_name: HashMap<String, Arc<DomainLimits>> = HashMap::new();
+pub fn index_domains(domains: Vec<DomainLimits>) -> Result<NameMap<Arc<DomainLimits>>, Vec<Problem>> {
+    let mut by_name: NameMap<Arc<DomainLimits>> = NameMap::default();
     let mut problems = Vec::new();
     for domain in domains {
         if let Some(first) = by_name.get(&domain.name) {
