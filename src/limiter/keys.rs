@@ -61,7 +61,9 @@ pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> S
     out.push_str(":{");
     push_base64(&mut out, tag.as_bytes(), TAG_CHARS);
     out.push_str("}:c");
-    let mut input = Vec::new();
+    // The digest, the entry count and each entry's two length-prefixed texts.
+    let input_bytes = 32 + 8 + entries.iter().map(|(key, value)| 16 + key.len() + value.len()).sum::<usize>();
+    let mut input = Vec::with_capacity(input_bytes);
     if !middle.is_empty() {
         input.extend_from_slice(tag.as_bytes());
         for (key, value) in middle {
