@@ -61,8 +61,13 @@ pub fn bucket_key(domain: &str, entries: &[(&str, &str)], exact_last: bool) -> S
     out.push_str(":{");
     push_base64(&mut out, tag.as_bytes(), TAG_CHARS);
     out.push_str("}:c");
-    // The digest, the entry count and each entry's two length-prefixed texts.
-    let input_bytes = 32 + 8 + entries.iter().map(|(key, value)| 16 + key.len() + value.len()).sum::<usize>();
+    // The digest, the entry count and the two length-prefixed texts of each
+    // hashed entry; nothing when no entry is hashed.
+    let hashed = middle.iter().chain(last.as_ref());
+    let input_bytes = match hashed.map(|(key, value)| 16 + key.len() + value.len()).sum::<usize>() {
+        0 => 0,
+        texts => 32 + 8 + texts,
+    };
     let mut input = Vec::with_capacity(input_bytes);
     if !middle.is_empty() {
         input.extend_from_slice(tag.as_bytes());
