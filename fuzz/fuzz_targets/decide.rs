@@ -75,7 +75,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let mut domains = std::collections::HashMap::new();
+        let mut domains = config::NameMap::default();
         for (name, text) in [("fikra.yaml", include_str!("../../deploy/config/fikra.yaml")), ("edge.yaml", EDGE)] {
             let domain = config::parse(text, name).unwrap_or_else(|problems| panic!("{name} is invalid: {problems:?}"));
             domains.insert(domain.name.clone(), Arc::new(domain));

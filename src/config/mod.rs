@@ -12,7 +12,7 @@ pub mod model;
 use std::path::{Path, PathBuf};
 
 pub use compile::Problem;
-pub use model::{DomainLimits, Limit, Limits, Meter, Rule, Unit};
+pub use model::{DomainLimits, Limit, Limits, Meter, NameMap, Rule, Unit};
 
 /// A configuration that cannot be used: every problem, with its file and key path.
 #[derive(Debug, thiserror::Error)]
