@@ -1,6 +1,6 @@
 //! A decoder for the common shape of a `RateLimitRequest`, without prost's
-//! generic merge code, which cost about a quarter of the decoding
-//! instructions.
+//! generic merge code. Skipping that code cuts the decoding instructions
+//! by about a quarter.
 //!
 //! It takes the fields the protocol defines, each with its own wire type,
 //! in any order. A scalar or string field seen twice keeps the last value,
@@ -18,53 +18,52 @@ const LENGTH_DELIMITED: u8 = 2;
 
 /// Decodes `bytes`, or returns `None` when prost has to.
 pub fn decode(bytes: &[u8]) -> Option<RateLimitRequest> {
-    let mut reader = Reader { bytes };
     let mut request = RateLimitRequest::default();
-    while !reader.is_empty() {
-        match reader.key()? {
+    read_fields(bytes, |reader, key| {
+        match key {
             (1, LENGTH_DELIMITED) => request.domain = reader.text()?,
             (2, LENGTH_DELIMITED) => request.descriptors.push(descriptor(reader.field()?)?),
             // A uint32 keeps the low 32 bits of its varint.
             (3, VARINT) => request.hits_addend = reader.varint()? as u32,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(request)
 }
 
 fn descriptor(bytes: &[u8]) -> Option<RateLimitDescriptor> {
-    let mut reader = Reader { bytes };
     let mut descriptor = RateLimitDescriptor::default();
-    while !reader.is_empty() {
-        match reader.key()? {
+    read_fields(bytes, |reader, key| {
+        match key {
             (1, LENGTH_DELIMITED) => descriptor.entries.push(entry(reader.field()?)?),
             (2, LENGTH_DELIMITED) if descriptor.limit.is_none() => descriptor.limit = Some(limit(reader.field()?)?),
             (3, LENGTH_DELIMITED) if descriptor.hits_addend.is_none() => descriptor.hits_addend = Some(wrapped(reader.field()?)?),
             (4, VARINT) => descriptor.is_negative_hits = reader.varint()? != 0,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(descriptor)
 }
 
 fn entry(bytes: &[u8]) -> Option<Entry> {
-    let mut reader = Reader { bytes };
     let mut entry = Entry::default();
-    while !reader.is_empty() {
-        match reader.key()? {
+    read_fields(bytes, |reader, key| {
+        match key {
             (1, LENGTH_DELIMITED) => entry.key = reader.text()?,
             (2, LENGTH_DELIMITED) => entry.value = reader.text()?,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(entry)
 }
 
 fn limit(bytes: &[u8]) -> Option<RateLimitOverride> {
-    let mut reader = Reader { bytes };
     let mut limit = RateLimitOverride::default();
-    while !reader.is_empty() {
-        match reader.key()? {
+    read_fields(bytes, |reader, key| {
+        match key {
             (1, VARINT) => limit.requests_per_unit = reader.varint()? as u32,
             // An enum keeps the low 32 bits of its varint, as a signed value.
             (2, VARINT) => limit.unit = reader.varint()? as i32,
@@ -73,21 +72,33 @@ fn limit(bytes: &[u8]) -> Option<RateLimitOverride> {
             }
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(limit)
 }
 
 /// Reads a `UInt64Value` or `UInt32Value` wrapper: its field 1, 0 when absent.
 fn wrapped(bytes: &[u8]) -> Option<u64> {
-    let mut reader = Reader { bytes };
     let mut value = 0;
-    while !reader.is_empty() {
-        match reader.key()? {
+    read_fields(bytes, |reader, key| {
+        match key {
             (1, VARINT) => value = reader.varint()?,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(value)
+}
+
+/// Hands each field key of a message to `read`, which reads the field's
+/// value, or returns `None` to give up on the message.
+fn read_fields<'a>(bytes: &'a [u8], mut read: impl FnMut(&mut Reader<'a>, (u64, u8)) -> Option<()>) -> Option<()> {
+    let mut reader = Reader { bytes };
+    while !reader.is_empty() {
+        let key = reader.key()?;
+        read(&mut reader, key)?;
+    }
+    Some(())
 }
 
 /// The unread part of a message.
