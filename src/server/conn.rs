@@ -1,9 +1,9 @@
 //! The gRPC port: accepting connections, TLS, and HTTP/2 on h2.
 //!
 //! Calls to `ShouldRateLimit` go to [`DecideService`] and run inside the
-//! connection's own task. They get no task, boxed future or body wrapper
-//! of their own, because the decision takes a few microseconds and each
-//! of those layers costs a measurable share of it. Every other path
+//! connection's own task. They get no task of their own, because the
+//! decision takes a few microseconds and spawning and scheduling a task
+//! costs a measurable share of it. Every other path
 //! (health, reflection, the other methods) goes to tonic's routes in a task
 //! of its own. The routes reply to an unknown path with UNIMPLEMENTED.
 
@@ -57,8 +57,8 @@ const MAX_ERROR_RESETS: usize = 1024;
 
 /// The maximum wait for the response to a call to any path but
 /// `ShouldRateLimit`, and the limit on a longer `grpc-timeout`. Those calls
-/// answer at once once their request message has arrived, so this bounds
-/// how long a client that never sends it holds the stream.
+/// get their response as soon as their request message has arrived, so this
+/// bounds how long a client that never sends it keeps the stream open.
 const ROUTE_RESPONSE_LIMIT: Duration = Duration::from_secs(10);
 
 /// The maximum time a client may take to finish its TLS handshake, and
@@ -222,7 +222,7 @@ where
         }
         loop {
             // Take every call that has arrived, then run them all, so that
-            // their answers leave together in the connection's next write.
+            // their responses go out together in the connection's next write.
             loop {
                 match connection.poll_accept(cx) {
                     Poll::Ready(Some(Ok((request, respond)))) => {
@@ -263,7 +263,7 @@ where
     while calls.next().await.is_some() {}
 }
 
-/// Reads, decides and answers one `ShouldRateLimit` call.
+/// Reads and decides one `ShouldRateLimit` call, then sends its response.
 async fn decide(service: Arc<DecideService>, request: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
     let (parts, body) = request.into_parts();
     let response = service.answer(http::Request::from_parts(parts, RecvBody::new(body))).await;
