@@ -80,10 +80,7 @@ async fn answers_carry_only_grpc_headers() {
     let mut client = connect(&server).await;
     let (response, mut body) = client.send_request(grpc_request(&server, DECIDE, None), false).expect("stream opens");
     let message = service::rls_request("edge", vec![service::descriptor(&[("k", "v")], None)]).encode_to_vec();
-    let mut framed = vec![0];
-    framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
-    framed.extend_from_slice(&message);
-    body.send_data(framed.into(), true).expect("body sent");
+    body.send_data(framed(&message), true).expect("body sent");
 
     let response = response.await.expect("response");
     let names: Vec<&str> = response.headers().keys().map(http::HeaderName::as_str).collect();
