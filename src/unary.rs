@@ -36,6 +36,8 @@ const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grp
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+/// The caller's deadline. A name given as text is parsed on every lookup.
+pub(crate) const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The maximum wait for a request's message, and the limit on a longer
 /// `grpc-timeout`.
@@ -70,7 +72,7 @@ impl DecideService {
             let encoding = String::from_utf8_lossy(encoding.as_bytes());
             return error_response(Status::unimplemented(format!("the request's grpc-encoding is {encoding:?}; {COMPRESSED}")));
         }
-        let mut timeout = headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(rls::parse_grpc_timeout);
+        let mut timeout = headers.get(GRPC_TIMEOUT).and_then(|value| value.to_str().ok()).and_then(rls::parse_grpc_timeout);
         // The body of a check is a few hundred bytes: a client that stops
         // sending it must not hold the stream and its buffer. Nearly every
         // body has arrived with its headers, so the timer is only set when

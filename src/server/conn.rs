@@ -34,7 +34,7 @@ use tracing::{debug, error, warn};
 
 use crate::rls::parse_grpc_timeout;
 use crate::telemetry::Throttle;
-use crate::unary::{DecideService, UnaryBody};
+use crate::unary::{DecideService, GRPC_TIMEOUT, UnaryBody};
 
 /// The maximum number of calls in flight on one connection; a stream past
 /// it is refused (REFUSED_STREAM). Envoy multiplexes a cluster's calls over few
@@ -92,7 +92,7 @@ impl Edge {
     /// Builds the response to a call to any path but `ShouldRateLimit`.
     async fn route(&self, request: http::Request<RecvBody>) -> http::Response<EdgeBody> {
         let mut routes = self.routes.clone();
-        let timeout = request.headers().get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
+        let timeout = request.headers().get(GRPC_TIMEOUT).and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
         // The caller's deadline bounds the wait for the response (not a
         // stream's later messages, as for health's Watch).
         let limit = timeout.map_or(ROUTE_RESPONSE_LIMIT, |timeout| timeout.min(ROUTE_RESPONSE_LIMIT));
