@@ -48,7 +48,7 @@ def script_stats(port):
     return 0, 0
 
 
-def timed_round(binary, args, round_index):
+def timed_round(binary, args, round_index, domain=None):
     procs = matrix.Processes()
     try:
         url, ports = matrix.standalone(procs) if args.store == "redis" else (None, [])
@@ -56,7 +56,7 @@ def timed_round(binary, args, round_index):
         child, port = matrix.service(procs, url)
         before = script_stats(ports[0]) if ports else (0, 0)
         result = matrix.loadgen(port, child.pid, args.in_flight, args.connections, args.keys, args.seconds,
-                                f"c{round_index}")
+                                f"c{round_index}", domain=domain)
         row = {"cpu_us": result["service_cpu_us_per_decision"], "throughput": result["throughput"],
                "errors": result["errors"]}
         if ports:
@@ -76,11 +76,11 @@ def callgrind_total(path):
     raise RuntimeError(f"callgrind wrote no instruction total to {path}; check that valgrind runs here")
 
 
-def counted_round(binary, args, out_dir):
+def counted_round(binary, args, out_dir, domain=None):
     """Counts the instructions per decision of the service or of redis-server."""
     procs = matrix.Processes()
     try:
-        out = os.path.join(out_dir, f"callgrind.{Path(binary).name}.{args.profile}")
+        out = os.path.join(out_dir, f"callgrind.{Path(binary).name}.{args.profile}.{domain or 'configured'}")
         for old in glob.glob(out + "*"):
             os.remove(old)
         valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
@@ -103,6 +103,8 @@ def counted_round(binary, args, out_dir):
         profiled = service if args.profile == "service" else redis
         load = [str(matrix.LOADGEN), "--target", f"http://127.0.0.1:{port}", "--in-flight", str(args.in_flight),
                 "--connections", str(args.connections), "--keys", str(args.keys)]
+        if domain:
+            load += ["--domain", domain]
         subprocess.run(load + ["--count", "1000", "--key-prefix", "warm"], capture_output=True, check=True)
         subprocess.run(["callgrind_control", "--zero", str(profiled.pid)], capture_output=True, check=True)
         subprocess.run(load + ["--count", str(args.calls), "--key-prefix", "counted"], capture_output=True, check=True)

@@ -134,12 +134,14 @@ def service(procs, redis_url, extra_args=()):
     return child, port
 
 
-def loadgen(port, pid, in_flight, connections, keys, seconds, prefix, rate=None):
+def loadgen(port, pid, in_flight, connections, keys, seconds, prefix, rate=None, domain=None):
     args = [str(LOADGEN), "--target", f"http://127.0.0.1:{port}", "--in-flight", str(in_flight),
             "--connections", str(connections), "--keys", str(keys), "--duration", str(seconds),
             "--warmup", str(WARMUP_SECONDS), "--service-pid", str(pid), "--key-prefix", prefix]
     if rate:
         args += ["--rate", str(rate)]
+    if domain:
+        args += ["--domain", domain]
     output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
