@@ -22,23 +22,23 @@ struct Args {
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     target: String,
     /// HTTP/2 connections; calls are spread over them round robin.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     connections: usize,
     /// Calls in flight at any time.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     in_flight: usize,
     /// Seconds to run; ignored when --count is set.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     duration: f64,
     /// Total calls to send instead of a duration.
     #[arg(long)]
     count: Option<u64>,
     /// Seconds of unmeasured load before measuring starts [default: 1, or
     /// 0 with --count, so a counted run sends exactly --count calls].
-    #[arg(long)]
+    #[arg(long, value_parser = seconds)]
     warmup: Option<f64>,
     /// Distinct API keys; 1 sends every call for one hot key.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     keys: u64,
     /// Prefix of the generated API keys, so runs can use fresh buckets.
     #[arg(long, default_value = "load")]
@@ -54,7 +54,7 @@ struct Args {
     domain: String,
     /// Calls per second in all, spread evenly over the workers; without it
     /// each worker sends its next call as soon as the last one returns.
-    #[arg(long)]
+    #[arg(long, value_parser = calls_per_second)]
     rate: Option<f64>,
     /// PID of the service, to read its CPU time from /proc/PID/stat.
     #[arg(long)]
@@ -85,8 +85,13 @@ struct Counts {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Arc::new(Args::parse());
+    if let Some(pid) = args.service_pid {
+        if cpu_seconds(pid).is_none() {
+            return Err(format!("cannot read the CPU time of --service-pid {pid} from /proc/{pid}/stat; pass the PID of the running service").into());
+        }
+    }
     let mut channels = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections.max(1) {
+    for _ in 0..args.connections {
         let channel = Endpoint::from_shared(args.target.clone())?.tcp_nodelay(true).connect().await?;
         channels.push(channel);
     }
@@ -101,7 +106,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cpu_before = Arc::new(std::sync::Mutex::new(None));
 
     let mut workers = Vec::with_capacity(args.in_flight);
-    for worker in 0..args.in_flight.max(1) {
+    for worker in 0..args.in_flight {
         let client = RateLimitServiceClient::new(channels[worker % channels.len()].clone());
         let (args, sent, counts, cpu_before) = (args.clone(), sent.clone(), counts.clone(), cpu_before.clone());
         workers.push(tokio::spawn(async move {
@@ -136,8 +141,8 @@ async fn run_worker(
     let mut measuring = false;
     // With a rate, worker w of n sends at offsets w/n of its period, so the
     // calls of all workers are spread evenly.
-    let workers = args.in_flight.max(1) as f64;
-    let period = args.rate.filter(|rate| *rate > 0.0).map(|rate| Duration::from_secs_f64(workers / rate));
+    let workers = args.in_flight as f64;
+    let period = args.rate.map(|rate| Duration::from_secs_f64(workers / rate));
     let mut next_send = period.map(|period| Instant::now() + period.mul_f64(worker as f64 / workers));
     loop {
         if let (Some(at), Some(period)) = (next_send.as_mut(), period) {
@@ -212,6 +217,41 @@ fn build_request(args: &Args, key: u64, nonce: u64) -> RateLimitRequest {
     RateLimitRequest { domain: args.domain.clone(), descriptors, hits_addend: 0 }
 }
 
+/// Parses a count of at least 1.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(error) => Err(format!("{error}; expected a whole number of at least 1")),
+    }
+}
+
+/// Parses a number of seconds, 0 or more.
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+        Ok(_) => Err("expected a finite number of seconds, 0 or more".into()),
+        Err(error) => Err(format!("{error}; expected a number of seconds such as 2 or 0.5")),
+    }
+}
+
+/// Parses a number of seconds above 0.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match seconds(text)? {
+        value if value > 0.0 => Ok(value),
+        _ => Err("expected a number of seconds above 0".into()),
+    }
+}
+
+/// Parses a rate above 0 calls per second.
+fn calls_per_second(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        Ok(_) => Err("expected a finite rate above 0 calls per second".into()),
+        Err(error) => Err(format!("{error}; expected calls per second such as 5000")),
+    }
+}
+
 /// User plus system CPU seconds of a process, from /proc/PID/stat.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -268,6 +308,7 @@ fn report(args: &Args, latencies: &mut [u32], elapsed: Duration, counts: &Counts
     );
     match cpu_per_decision_us {
         Some(cpu) => println!("service CPU   {cpu:.2} µs per decision"),
+        None if args.service_pid.is_some() => println!("service CPU   not measured (the service's /proc/PID/stat became unreadable)"),
         None => println!("service CPU   not measured (pass --service-pid)"),
     }
     let summary = serde_json::json!({
