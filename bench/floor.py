@@ -5,18 +5,19 @@ A check for a domain that the configuration does not name gets an OK
 response with no rate-limit headers, and it never reaches the buckets or the
 store. Everything else still happens: the HTTP/2 frames are read and written,
 the request is decoded and validated, the response is encoded and the call
-is counted in the metrics. So the cost of such a check is a floor that no
+is counted in the metrics (the per-rule counters excepted, since no rule
+matches). So the cost of such a check is a floor that no
 faster limiter or store can go below, and the difference to a configured
 check is what the decision itself costs.
 
 This script runs one service binary on one benchmark cell, alternately with
-checks for the shipped domain and for a domain nobody configured, and reports
+checks for the shipped domain and for one that no configuration names, and reports
 both medians, their ratio and their difference. A CPU target below the floor
 needs a lighter HTTP/2 path, not a faster limiter.
 
 Usage:
-  bench/floor.py [--store memory|redis] [--measure time|instructions]
-                 [--rounds 5] [--seconds 4] [BINARY]
+  bench/floor.py [--store memory|redis] [--rounds 5] [--seconds 4] [BINARY]
+  bench/floor.py --measure instructions [--calls 10000] [BINARY]
 Build first: cargo build --release --bins
 """
 
@@ -38,21 +39,30 @@ def main():
     parser.add_argument("binary", nargs="?", default=str(matrix.SERVICE), help="the service binary")
     parser.add_argument("--store", choices=["memory", "redis"], default="memory")
     parser.add_argument("--measure", choices=["time", "instructions"], default="time")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--calls", type=int, default=10_000, help="calls counted with --measure instructions")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each kind, with --measure time")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per round, with --measure time")
+    parser.add_argument("--calls", type=int, default=10_000, help="calls counted, with --measure instructions")
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--keys", type=int, default=10_000)
     args = parser.parse_args()
     args.profile = "service"
-    if not os.access(args.binary, os.X_OK):
-        parser.error(f"{args.binary} is not an executable file; build it first with cargo build --release --bins")
+    for name in ("rounds", "calls", "in_flight", "connections", "keys"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be at least 1")
+    if not args.seconds > 0:
+        parser.error(f"--seconds is {args.seconds}; it must be above 0")
+    for binary in (args.binary, str(matrix.LOADGEN)):
+        if not os.access(binary, os.X_OK):
+            parser.error(f"{binary} is not an executable file; build it first with cargo build --release --bins")
 
     variants = {"configured": None, UNCONFIGURED: UNCONFIGURED}
     rows = {name: [] for name in variants}
     rounds = args.rounds if args.measure == "time" else 1
-    out_dir = matrix.Processes().tempdir() if args.measure == "instructions" else None
+    out_dir = None
+    if args.measure == "instructions":
+        out_dir = matrix.Processes().tempdir()
+        print(f"callgrind profiles go to {out_dir}", flush=True)
     for round_index in range(rounds):
         for name, domain in variants.items():
             if args.measure == "time":
@@ -60,7 +70,8 @@ def main():
             else:
                 row = compare.counted_round(args.binary, args, out_dir, domain)
             if row.get("errors"):
-                sys.exit(f"round {round_index + 1} ({name}) had {row['errors']} errors; see the service's log")
+                sys.exit(f"round {round_index + 1} ({name}) had {row['errors']} failed calls; run the service and "
+                         f"fikra-loadgen by hand with the same options to see their errors")
             rows[name].append(row)
             print(f"round {round_index + 1} {name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()),
                   flush=True)
