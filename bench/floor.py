@@ -11,9 +11,9 @@ faster limiter or store can go below, and the difference to a configured
 check is what the decision itself costs.
 
 This script runs one service binary on one benchmark cell, alternately with
-checks for the shipped domain and for one that no configuration names, and reports
-both medians, their ratio and their difference. A CPU target below the floor
-needs a lighter HTTP/2 path, not a faster limiter.
+checks for the shipped domain and for one that no configuration names, and
+reports both medians, their ratio and their difference. A CPU target below
+the floor needs a lighter HTTP/2 path, not a faster limiter.
 
 Usage:
   bench/floor.py [--store memory|redis] [--rounds 5] [--seconds 4] [BINARY]
