@@ -16,9 +16,14 @@ use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 const VARINT: u8 = 0;
 const LENGTH_DELIMITED: u8 = 2;
 
+/// The room reserved for a request's descriptors and for a descriptor's
+/// entries: the capacity a vector's first push gives elements of this size,
+/// reserved without going through the vector's growth path.
+const FIRST_CAPACITY: usize = 4;
+
 /// Decodes `bytes`, or returns `None` when prost has to.
 pub fn decode(bytes: &[u8]) -> Option<RateLimitRequest> {
-    let mut request = RateLimitRequest::default();
+    let mut request = RateLimitRequest { descriptors: Vec::with_capacity(FIRST_CAPACITY), ..Default::default() };
     read_fields(bytes, |reader, key| {
         match key {
             (1, LENGTH_DELIMITED) => request.domain = reader.text()?,
@@ -33,7 +38,7 @@ pub fn decode(bytes: &[u8]) -> Option<RateLimitRequest> {
 }
 
 fn descriptor(bytes: &[u8]) -> Option<RateLimitDescriptor> {
-    let mut descriptor = RateLimitDescriptor::default();
+    let mut descriptor = RateLimitDescriptor { entries: Vec::with_capacity(FIRST_CAPACITY), ..Default::default() };
     read_fields(bytes, |reader, key| {
         match key {
             (1, LENGTH_DELIMITED) => descriptor.entries.push(entry(reader.field()?)?),

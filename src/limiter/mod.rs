@@ -124,7 +124,7 @@ impl Limiter {
 
         let api_keys = account_keys(domain, request);
         if api_keys.is_empty() {
-            let plan = resolve::plan(domain, request, &self.settings.bounds, &resolve::AccountRecords::new());
+            let plan = resolve::plan(domain, request, &self.settings.bounds, &resolve::AccountRecords::default());
             return match self.judge(plan, &[], budget).await? {
                 Judged::Decided(decision) => Ok(decision),
                 Judged::Stale(_) => unreachable!("a call without guards is never stale"),
@@ -135,12 +135,12 @@ impl Limiter {
         // learn them and plan again (see the `accounts` module).
         let started = Instant::now();
         for _ in 0..MAX_ACCOUNT_ATTEMPTS {
-            let mut records = resolve::AccountRecords::new();
+            let mut records = resolve::AccountRecords::with_capacity(api_keys.len());
             let mut guards = Vec::with_capacity(api_keys.len());
             for (api_key, record_key) in &api_keys {
                 let expected = self.records.guess(record_key);
                 if let Some(record) = expected.as_deref().and_then(KeyRecord::decode) {
-                    records.insert(api_key.clone(), record);
+                    records.insert(api_key, record);
                 }
                 guards.push(RecordGuard { key: record_key.clone(), expected });
             }
@@ -213,14 +213,15 @@ const MAX_ACCOUNT_ATTEMPTS: usize = 3;
 
 /// The distinct API keys of a call in a domain with accounts, with their
 /// key record keys, in order of first appearance.
-fn account_keys(domain: &crate::config::DomainLimits, request: &CheckRequest) -> Vec<(String, String)> {
+fn account_keys<'r>(domain: &crate::config::DomainLimits, request: &'r CheckRequest) -> Vec<(&'r str, String)> {
     let Some(settings) = &domain.accounts else { return Vec::new() };
-    let mut found: Vec<(String, String)> = Vec::new();
+    // A check names one API key in nearly every case.
+    let mut found: Vec<(&str, String)> = Vec::with_capacity(1);
     for descriptor in &request.descriptors {
         let Some(entry) = descriptor.entries.iter().find(|entry| entry.key == settings.key_entry) else { continue };
         if !found.iter().any(|(api_key, _)| *api_key == entry.value) {
             let record_key = record::record_key(&domain.name, &settings.key_entry, &entry.value);
-            found.push((entry.value.clone(), record_key));
+            found.push((&entry.value, record_key));
         }
     }
     found

@@ -1,6 +1,5 @@
 //! Descriptors to rules, limits and bucket operations.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::decision::{Decision, Denial, DescriptorFacts, DescriptorKind};
@@ -62,13 +61,39 @@ impl Plan {
     }
 }
 
-/// Key records by API key value, for a domain with accounts.
-pub type AccountRecords = HashMap<String, KeyRecord>;
+/// Key records by API key value, for a domain with accounts. A check
+/// usually names one API key, so the records are a list searched in order,
+/// which costs less than hashing, and the keys are borrowed from the request.
+#[derive(Debug, Default)]
+pub struct AccountRecords<'a> {
+    records: Vec<(&'a str, KeyRecord)>,
+}
+
+impl<'a> AccountRecords<'a> {
+    /// Creates an empty set with room for `count` records.
+    pub fn with_capacity(count: usize) -> Self {
+        Self { records: Vec::with_capacity(count) }
+    }
+
+    /// Stores the record of `api_key`, replacing an earlier one.
+    pub fn insert(&mut self, api_key: &'a str, record: KeyRecord) {
+        match self.records.iter_mut().find(|(key, _)| *key == api_key) {
+            Some((_, stored)) => *stored = record,
+            None => self.records.push((api_key, record)),
+        }
+    }
+
+    /// Returns the record of `api_key`.
+    pub fn get(&self, api_key: &str) -> Option<&KeyRecord> {
+        self.records.iter().find(|(key, _)| *key == api_key).map(|(_, record)| record)
+    }
+}
 
 /// Resolves every descriptor of `request` in `domain`, with the tiers and
 /// overrides of `accounts`.
-pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBounds, accounts: &AccountRecords) -> Plan {
-    let mut plan = Plan { descriptors: Vec::with_capacity(request.descriptors.len()), ops: Vec::new(), too_large: None, denial: None };
+pub fn plan(domain: &DomainLimits, request: &CheckRequest, bounds: &RequestBounds, accounts: &AccountRecords<'_>) -> Plan {
+    let count = request.descriptors.len();
+    let mut plan = Plan { descriptors: Vec::with_capacity(count), ops: Vec::with_capacity(count), too_large: None, denial: None };
 
     for (index, descriptor) in request.descriptors.iter().enumerate() {
         if let Some((entry, value)) = descriptor.entries.iter().enumerate().find(|(_, e)| e.value.len() > bounds.max_value_len) {
@@ -113,7 +138,7 @@ fn resolve(
     domain: &DomainLimits,
     request: &CheckRequest,
     descriptor: &Descriptor,
-    accounts: &AccountRecords,
+    accounts: &AccountRecords<'_>,
     ops: &mut Vec<BucketOp>,
 ) -> Planned {
     let roles = &domain.roles;
@@ -223,7 +248,7 @@ fn account_tier<'a>(
     domain: &DomainLimits,
     identity: &[(&str, &str)],
     tier_entry: Option<&str>,
-    accounts: &'a AccountRecords,
+    accounts: &'a AccountRecords<'_>,
 ) -> (Option<usize>, Option<&'a KeyRecord>) {
     let Some(settings) = &domain.accounts else { return (domain.tier_index(tier_entry), None) };
     let api_key = identity.iter().find(|(key, _)| *key == settings.key_entry).map(|(_, value)| *value);
@@ -303,4 +328,34 @@ fn override_limit(
         None => tier.and_then(|t| domain.tiers.get(t)).map_or_else(|| "rate limit".to_owned(), |t| t.display_name.clone()),
     };
     Some(Arc::new(Limit { per_window, unit, multiplier, name: configured.map(|c| c.name.clone()).unwrap_or_default(), owner, params }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tier: &str) -> KeyRecord {
+        KeyRecord { revision: 1, account: "acme".into(), tier: tier.into(), overrides: None }
+    }
+
+    #[test]
+    fn account_records_find_by_api_key() {
+        let mut records = AccountRecords::with_capacity(2);
+        records.insert("k1", record("unverified"));
+        records.insert("k2", record("trusted"));
+
+        assert_eq!(records.get("k1").map(|record| record.tier.as_str()), Some("unverified"));
+        assert_eq!(records.get("k2").map(|record| record.tier.as_str()), Some("trusted"));
+        assert_eq!(records.get("k3"), None);
+    }
+
+    #[test]
+    fn account_records_insert_replaces() {
+        let mut records = AccountRecords::default();
+        records.insert("k1", record("unverified"));
+        records.insert("k1", record("trusted"));
+
+        assert_eq!(records.get("k1").map(|record| record.tier.as_str()), Some("trusted"));
+        assert_eq!(records.records.len(), 1);
+    }
 }
