@@ -50,8 +50,8 @@ def main():
     for name in ("rounds", "calls", "in_flight", "connections", "keys"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be at least 1")
-    if not args.seconds > 0:
-        parser.error(f"--seconds is {args.seconds}; it must be above 0")
+    if not 0.1 <= args.seconds <= 3600:
+        parser.error(f"--seconds is {args.seconds}; it must be from 0.1 to 3600")
     for binary in (args.binary, str(matrix.LOADGEN)):
         if not os.access(binary, os.X_OK):
             parser.error(f"{binary} is not an executable file; build it first with cargo build --release --bins")
@@ -69,6 +69,8 @@ def main():
                 row = compare.timed_round(args.binary, args, round_index, domain)
             else:
                 row = compare.counted_round(args.binary, args, out_dir, domain)
+            if args.measure == "time" and row["cpu_us"] is None:
+                sys.exit(f"round {round_index + 1} ({name}) measured no calls; run it with more --seconds")
             if row.get("errors"):
                 sys.exit(f"round {round_index + 1} ({name}) had {row['errors']} failed calls; run the service and "
                          f"fikra-loadgen by hand with the same options to see their errors")

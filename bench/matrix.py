@@ -142,8 +142,10 @@ def loadgen(port, pid, in_flight, connections, keys, seconds, prefix, rate=None,
         args += ["--rate", str(rate)]
     if domain:
         args += ["--domain", domain]
-    output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"fikra-loadgen failed (exit {result.returncode}): {result.stderr.strip()}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def script_calls(ports):

@@ -53,13 +53,17 @@ async fn counted_run_reports_every_call() {
 
 #[tokio::test]
 async fn invalid_options_are_rejected() {
-    let cases: [(&[&str], &str); 7] = [
-        (&["--connections", "0"], "must be at least 1"),
-        (&["--in-flight", "0"], "must be at least 1"),
+    let cases: [(&[&str], &str); 11] = [
+        (&["--connections", "0"], "from 1 to 1024"),
+        (&["--in-flight", "0"], "from 1 to 65536"),
+        (&["--in-flight", "18446744073709551615"], "from 1 to 65536"),
         (&["--keys", "0"], "0 is not in 1.."),
+        (&["--count", "0"], "0 is not in 1.."),
         (&["--duration", "0"], "above 0"),
-        (&["--warmup", "inf"], "finite number of seconds"),
-        (&["--rate", "0"], "above 0 calls per second"),
+        (&["--duration", "1e300"], "from 0 to 86400"),
+        (&["--warmup", "inf"], "from 0 to 86400"),
+        (&["--rate", "0"], "at least 1 calls per second"),
+        (&["--rate", "1e-20"], "at least 1 calls per second"),
         (&["--service-pid", "4294967295"], "pass the PID of the running service"),
     ];
     for (args, expected) in cases {

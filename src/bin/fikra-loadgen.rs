@@ -22,16 +22,16 @@ struct Args {
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     target: String,
     /// HTTP/2 connections; calls are spread over them round robin.
-    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 4, value_parser = connection_count)]
     connections: usize,
     /// Calls in flight at any time.
-    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 64, value_parser = in_flight_count)]
     in_flight: usize,
     /// Seconds to run; ignored when --count is set.
     #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     duration: f64,
     /// Total calls to send instead of a duration.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Seconds of unmeasured load before measuring starts [default: 1, or
     /// 0 with --count, so a counted run sends exactly --count calls].
@@ -217,37 +217,57 @@ fn build_request(args: &Args, key: u64, nonce: u64) -> RateLimitRequest {
     RateLimitRequest { domain: args.domain.clone(), descriptors, hits_addend: 0 }
 }
 
-/// Parses a count of at least 1.
-fn at_least_one(text: &str) -> Result<usize, String> {
+/// The maximum number of connections a run opens.
+const MAX_CONNECTIONS: usize = 1024;
+/// The maximum number of calls a run keeps in flight, each with its own task.
+const MAX_IN_FLIGHT: usize = 65_536;
+/// The maximum run or warm-up, in seconds (one day).
+const MAX_SECONDS: f64 = 86_400.0;
+/// The minimum rate in calls per second, so that every worker's period
+/// stays within a day even at the maximum calls in flight.
+const MIN_RATE: f64 = 1.0;
+
+/// Parses a count of connections.
+fn connection_count(text: &str) -> Result<usize, String> {
+    count_between(text, MAX_CONNECTIONS)
+}
+
+/// Parses a count of calls in flight.
+fn in_flight_count(text: &str) -> Result<usize, String> {
+    count_between(text, MAX_IN_FLIGHT)
+}
+
+/// Parses a whole number from 1 to `max`.
+fn count_between(text: &str, max: usize) -> Result<usize, String> {
     match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(count) => Ok(count),
-        Err(error) => Err(format!("{error}; expected a whole number of at least 1")),
+        Ok(count) if (1..=max).contains(&count) => Ok(count),
+        Ok(_) => Err(format!("expected a whole number from 1 to {max}")),
+        Err(error) => Err(format!("{error}; expected a whole number from 1 to {max}")),
     }
 }
 
-/// Parses a number of seconds, 0 or more.
+/// Parses a number of seconds, from 0 to a day.
 fn seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
-        Ok(_) => Err("expected a finite number of seconds, 0 or more".into()),
+        Ok(value) if (0.0..=MAX_SECONDS).contains(&value) => Ok(value),
+        Ok(_) => Err(format!("expected a number of seconds from 0 to {MAX_SECONDS}")),
         Err(error) => Err(format!("{error}; expected a number of seconds such as 2 or 0.5")),
     }
 }
 
-/// Parses a number of seconds above 0.
+/// Parses a number of seconds above 0, up to a day.
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match seconds(text)? {
         value if value > 0.0 => Ok(value),
-        _ => Err("expected a number of seconds above 0".into()),
+        _ => Err(format!("expected a number of seconds above 0, up to {MAX_SECONDS}")),
     }
 }
 
-/// Parses a rate above 0 calls per second.
+/// Parses a rate of at least [`MIN_RATE`] calls per second.
 fn calls_per_second(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
-        Ok(_) => Err("expected a finite rate above 0 calls per second".into()),
+        Ok(value) if value.is_finite() && value >= MIN_RATE => Ok(value),
+        Ok(_) => Err(format!("expected a finite rate of at least {MIN_RATE} calls per second")),
         Err(error) => Err(format!("{error}; expected calls per second such as 5000")),
     }
 }
@@ -308,6 +328,7 @@ fn report(args: &Args, latencies: &mut [u32], elapsed: Duration, counts: &Counts
     );
     match cpu_per_decision_us {
         Some(cpu) => println!("service CPU   {cpu:.2} µs per decision"),
+        None if total == 0 => println!("service CPU   not measured (no call completed after the warm-up; run longer)"),
         None if args.service_pid.is_some() => println!("service CPU   not measured (the service's /proc/PID/stat became unreadable)"),
         None => println!("service CPU   not measured (pass --service-pid)"),
     }
