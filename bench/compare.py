@@ -116,6 +116,22 @@ def counted_round(binary, args, out_dir, domain=None):
         procs.stop_all()
 
 
+def plan_rounds(args):
+    """Returns the number of rounds and, for callgrind, the directory of its profiles."""
+    if args.measure == "time":
+        return args.rounds, None
+    out_dir = matrix.Processes().tempdir()
+    print(f"callgrind profiles go to {out_dir}", flush=True)
+    return 1, out_dir
+
+
+def measure_round(binary, args, round_index, out_dir, domain=None):
+    """Measures one round of `binary` by the measure `args.measure` selects, with checks for `domain`."""
+    if args.measure == "time":
+        return timed_round(binary, args, round_index, domain)
+    return counted_round(binary, args, out_dir, domain)
+
+
 def summary(values):
     median, low, high = matrix.median_range(values)
     return f"{median:,.2f} ({low:,.2f} to {high:,.2f})"
@@ -142,17 +158,10 @@ def main():
             parser.error(f"{binary} is not an executable file; build it first")
 
     rows = {binary: [] for binary in args.binaries}
-    rounds = args.rounds if args.measure == "time" else 1
-    out_dir = None
-    if args.measure == "instructions":
-        out_dir = matrix.Processes().tempdir()
-        print(f"callgrind profiles go to {out_dir}", flush=True)
+    rounds, out_dir = plan_rounds(args)
     for round_index in range(rounds):
         for binary in args.binaries:
-            if args.measure == "time":
-                row = timed_round(binary, args, round_index)
-            else:
-                row = counted_round(binary, args, out_dir)
+            row = measure_round(binary, args, round_index, out_dir)
             rows[binary].append(row)
             print(f"round {round_index + 1} {binary}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()),
                   flush=True)

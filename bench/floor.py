@@ -58,17 +58,10 @@ def main():
 
     variants = {"configured": None, UNCONFIGURED: UNCONFIGURED}
     rows = {name: [] for name in variants}
-    rounds = args.rounds if args.measure == "time" else 1
-    out_dir = None
-    if args.measure == "instructions":
-        out_dir = matrix.Processes().tempdir()
-        print(f"callgrind profiles go to {out_dir}", flush=True)
+    rounds, out_dir = compare.plan_rounds(args)
     for round_index in range(rounds):
         for name, domain in variants.items():
-            if args.measure == "time":
-                row = compare.timed_round(args.binary, args, round_index, domain)
-            else:
-                row = compare.counted_round(args.binary, args, out_dir, domain)
+            row = compare.measure_round(args.binary, args, round_index, out_dir, domain)
             if args.measure == "time" and row["cpu_us"] is None:
                 sys.exit(f"round {round_index + 1} ({name}) measured no calls; run it with more --seconds")
             if row.get("errors"):
